@@ -41,6 +41,8 @@ def normalize_units(units: Any) -> UnitsDict:
             if kind not in BLOCK_KINDS:
                 raise ValueError(f"units[{layer!r}]: unknown block kind {kind!r}; expected one of {BLOCK_KINDS}")
             tensor = torch.as_tensor(indices).flatten()
+            if tensor.numel() == 0:
+                tensor = tensor.long()  # an empty list is read as float
             if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
                 raise TypeError(f"units[{layer!r}][{kind!r}] must hold integer indices, got {tensor.dtype}")
             values = sorted(int(i) for i in tensor.tolist())

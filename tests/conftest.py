@@ -1,0 +1,61 @@
+"""Tiny random models of every supported family, built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VOCAB = 97
+
+# GQA everywhere it exists (4 query heads over 2 or 1 kv heads), biases in Qwen2, fused weights in Phi-3,
+# Conv1D in GPT-2.
+FAMILY_CONFIGS: dict[str, dict] = {
+    "llama": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2),
+    "mistral": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2),
+    "gemma": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=1, head_dim=8),
+    "phi3": dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+    "gpt2": dict(n_embd=32, n_inner=48, n_head=4),
+}
+FAMILIES = tuple(FAMILY_CONFIGS)
+
+
+def tiny_config(family: str, num_layers: int = 2, **overrides):
+    kwargs = {**FAMILY_CONFIGS[family], **overrides}
+    layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
+    kwargs.setdefault(layers_key, num_layers)
+    extra = {"bos_token_id": 1, "eos_token_id": 2} if family != "gpt2" else {"bos_token_id": 1, "eos_token_id": 2}
+    return AutoConfig.for_model(family, vocab_size=VOCAB, **extra, **kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides))
+    with torch.no_grad():  # non-zero biases, so a wrong bias update would show
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(std=0.1)
+    return model.eval()
+
+
+def tiny_units(seed: int = 0, num_layers: int = 2, mlp_width: int = 48, attn_width: int = 32) -> dict:
+    """A unit set per layer: a few MLP neurons, one whole attention head (head_dim 8) and some loose channels."""
+    generator = torch.Generator().manual_seed(seed)
+    units = {}
+    for layer in range(num_layers):
+        mlp = torch.randperm(mlp_width, generator=generator)[:6]
+        loose = torch.randperm(attn_width - 8, generator=generator)[:3] + 8
+        attn = torch.cat([torch.arange(8), loose])
+        units[layer] = {"mlp": mlp.tolist(), "attn": attn.tolist()}
+    return units
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
