@@ -243,13 +243,7 @@ class SSAHLinear(nn.Module, SSAHLayer):
         return quantization_extra_repr(self)
 
 
-_WARNED_LOSSY: set[str] = set()
-
-
 def _warn_lossy_merge(backend_name: str) -> None:
-    if backend_name in _WARNED_LOSSY:
-        return
-    _WARNED_LOSSY.add(backend_name)
     warnings.warn(
         f"Merging an SSAH adapter into a {backend_name} weight requantizes whole blocks: the merged model differs "
         "from the adapted one by the quantization error, and the protected slices are no longer bit-exact. "

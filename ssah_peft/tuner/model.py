@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_feat
 from peft.utils import get_quantization_kwargs
 from torch import nn
 
+from ..quantization import disable_cpu_4bit_repacking as _disable_cpu_4bit_repacking
 from ..units import Axis, ArchitectureSpec, resolve_architecture, unit_slices
 from .config import SSAHConfig
 from .layer import SSAHLayer, SSAHLinear, supported_base_layer
@@ -117,28 +118,6 @@ def _target_regex(config: SSAHConfig, spec: ArchitectureSpec) -> str:
         if modules:
             per_layer.append(rf"{layer}\.(?:{'|'.join(re.escape(m) for m in modules)})")
     return rf"(?:.*\.)?{re.escape(spec.layers)}\.(?:{'|'.join(per_layer)})"
-
-
-def _disable_cpu_4bit_repacking(model: nn.Module) -> None:
-    """Keep bitsandbytes Linear4bit weights in their standard layout on CPU.
-
-    bitsandbytes repacks a 4-bit weight in place into a CPU kernel layout on the first eval-mode no-grad forward;
-    afterwards dequantization returns wrong values (merges corrupt silently) and input gradients are lost. Undo
-    a repack that already happened and switch it off.
-    """
-    try:
-        import bitsandbytes as bnb
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-    except ImportError:
-        return
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        module.support_avx512bf16_for_cpu = False
-        weight = module.weight
-        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-            module.quant_state = weight.quant_state
 
 
 class SSAHModel(BaseTuner):
