@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -154,7 +154,3 @@ class SSAHConfig(PeftConfig):
 
     def torch_delta_dtype(self) -> Optional[torch.dtype]:
         return None if self.delta_dtype is None else getattr(torch, self.delta_dtype)
-
-    def unit_sets(self) -> Sequence[tuple[int, str, list[int]]]:
-        """Every (layer, kind, indices) entry of ``units``."""
-        return [(int(layer), kind, idx) for layer, blocks in self.units.items() for kind, idx in blocks.items()]
