@@ -399,3 +399,21 @@ def test_loading_into_a_model_of_other_shapes_fails_cleanly(cases: dict) -> None
     with pytest.raises(ValueError, match="was made for a base model with shapes"):
         PeftModel.from_pretrained(other, cases["llama", "select"].adapter_dir)
     assert not any(isinstance(m, SSAHLayer) for m in other.modules())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_modules_to_save_and_low_cpu_mem_usage_loading(tmp_path: Path, input_ids: torch.Tensor, mode: str) -> None:
+    config = SSAHConfig(units=tiny_units(), mode=mode, init_weights=False, modules_to_save=["lm_head"])
+    model = get_peft_model(tiny_model("qwen2"), config)
+    head = model.base_model.model.lm_head.modules_to_save["default"].weight
+    assert head.requires_grad
+    with torch.no_grad():
+        head.add_(0.1)
+        reference = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        assert "base_model.model.lm_head.weight" in set(f.keys())
+    reloaded = PeftModel.from_pretrained(tiny_model("qwen2"), tmp_path, low_cpu_mem_usage=True)
+    assert all(p.device.type == "cpu" for p in reloaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, reference, rtol=0, atol=1e-6)
