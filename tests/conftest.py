@@ -27,11 +27,9 @@ FAMILIES = tuple(FAMILY_CONFIGS)
 
 
 def tiny_config(family: str, num_layers: int = 2, **overrides):
-    kwargs = {**FAMILY_CONFIGS[family], **overrides}
-    layers_key = "n_layer" if family == "gpt2" else "num_hidden_layers"
-    kwargs.setdefault(layers_key, num_layers)
-    extra = {"bos_token_id": 1, "eos_token_id": 2} if family != "gpt2" else {"bos_token_id": 1, "eos_token_id": 2}
-    return AutoConfig.for_model(family, vocab_size=VOCAB, **extra, **kwargs)
+    kwargs = {"vocab_size": VOCAB, "bos_token_id": 1, "eos_token_id": 2, **FAMILY_CONFIGS[family], **overrides}
+    kwargs.setdefault("n_layer" if family == "gpt2" else "num_hidden_layers", num_layers)
+    return AutoConfig.for_model(family, **kwargs)
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
@@ -59,3 +57,33 @@ def tiny_units(seed: int = 0, num_layers: int = 2, mlp_width: int = 48, attn_wid
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer with a ChatML chat template, built offline (vocabulary < 128)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    characters = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    vocab = {token: i for i, token in enumerate(specials + characters)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
