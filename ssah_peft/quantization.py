@@ -7,6 +7,8 @@ float matrix in the ``torch.nn.Linear`` convention, whatever stores it: ``nn.Lin
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from peft.utils import resolve_quantization_backend
 from torch import nn
@@ -18,21 +20,36 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> None:
 
     bitsandbytes repacks a 4-bit weight in place into a CPU kernel layout on the first eval-mode no-grad forward;
     afterwards dequantization returns wrong values (merges and weight-based scores corrupt silently) and input
-    gradients are lost. Undo a repack that already happened and switch it off.
+    gradients are lost. Switch the repacking off, and undo a repack that already happened. The undo is close but
+    not exact: the repack rounds the block scales (absmax) to bfloat16, so a warning says so.
     """
     try:
         import bitsandbytes as bnb
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
     except ImportError:
         return
-    for module in model.modules():
+    undone = []
+    for name, module in model.named_modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
         module.support_avx512bf16_for_cpu = False
         weight = module.weight
         if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
-            module.quant_state = weight.quant_state
+            weight.data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            if state.absmax.dim() == 2:
+                # bitsandbytes 0.50 restores the layout of double-quantized scales only; plain scales stay
+                # transposed ([blocks per row, rows]) in bfloat16, which dequantizes to wrong values
+                state.absmax = state.absmax.T.reshape(-1).float()
+            weight.quant_state = module.quant_state = state
+            undone.append(name)
+    if undone:
+        warnings.warn(
+            f"{len(undone)} bitsandbytes 4-bit weights (e.g. {undone[0]}) had already been repacked for the CPU kernel "
+            "by an eval-mode forward; they were converted back, with block scales rounded to bfloat16 (relative "
+            "error up to ~0.4%). Call ssah_peft.disable_cpu_4bit_repacking(model) right after loading to avoid this.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:

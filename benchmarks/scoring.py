@@ -1,0 +1,140 @@
+"""Cost of a unit-scoring pass against a plain no-grad forward over the same batches.
+
+    python benchmarks/scoring.py --hidden 512 --layers 4
+
+A random Llama scores random calibration batches (the real tokens after the first quarter of a row are scored).
+Each repeat times, in alternating order, one plain ``model(**inputs)`` pass under ``torch.no_grad()`` over all
+batches and one ``score_units`` call per method (hooks, float64 statistics, weight statistics and finalisation).
+Ratios are taken per repeat against the plain forward of the same repeat and between the fastest runs, for wall
+and CPU time (the latter is robust on a shared machine; run with ``--threads 1`` there). The target for
+``variance`` is ≤ 1.10. SNIP needs a backward pass, so a plain forward + backward to the input embeddings is timed
+too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ssah_peft import score_units
+
+
+def random_batches(vocab: int, batch: int, seq: int, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=generator)
+        for row, length in enumerate(lengths.tolist()):
+            attention_mask[row, length:] = 0
+        score_mask = attention_mask.bool() & (torch.arange(seq) >= seq // 4)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        batches.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+                "score_mask": score_mask,
+            }
+        )
+    return batches
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "score_mask"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1376)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--methods", nargs="+", default=["variance", "wanda", "snip"])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    config = AutoConfig.for_model(
+        "llama",
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype)).eval()
+    batches = random_batches(args.vocab, args.batch, args.seq, args.batches)
+
+    def plain_forward() -> None:
+        with torch.no_grad():
+            for batch in batches:
+                model(**model_inputs(batch))
+
+    def plain_forward_backward() -> None:
+        embeddings = model.get_input_embeddings()
+        for batch in batches:
+            inputs = model_inputs(batch)
+            embeds = embeddings(inputs.pop("input_ids")).detach().requires_grad_()
+            torch.autograd.grad(model(inputs_embeds=embeds, **inputs).logits.float().logsumexp(-1).sum(), embeds)
+
+    runs: dict[str, Callable[[], object]] = {"plain forward (no grad)": plain_forward}
+    if "snip" in args.methods:
+        runs["plain forward + backward"] = plain_forward_backward
+    for method in args.methods:
+        runs[f"score_units({method})"] = lambda method=method: score_units(
+            model, batches, method=method, show_progress_bar=False
+        )
+    for run in runs.values():  # warm-up
+        run()
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for repeat in range(args.repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            start_wall, start_cpu = time.perf_counter(), time.process_time()
+            runs[name]()
+            wall[name].append(time.perf_counter() - start_wall)
+            cpu[name].append(time.process_time() - start_cpu)
+
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    scored = sum(int(b["score_mask"].sum()) for b in batches)
+    print(
+        f"llama hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} vocab={args.vocab} "
+        f"{args.dtype}; {args.batches} batches of {args.batch}x{args.seq} ({tokens} real tokens, {scored} scored); "
+        f"{args.repeats} interleaved repeats, {torch.get_num_threads()} threads\n"
+    )
+    print("Ratios to the plain forward: median over repeats of the ratio within a repeat, and ratio of the minimums.")
+    print("CPU time (process time) is the robust figure on a shared machine; it counts spinning threads too.\n")
+    print("| run | wall median s | wall ratio (paired) | wall ratio (min) | CPU median s | CPU ratio (paired) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    plain = "plain forward (no grad)"
+    for name in names:
+        print(
+            f"| {name} | {statistics.median(wall[name]):.3f} | {_paired(wall[name], wall[plain]):.3f} | "
+            f"{min(wall[name]) / min(wall[plain]):.3f} | {statistics.median(cpu[name]):.3f} | "
+            f"{_paired(cpu[name], cpu[plain]):.3f} |"
+        )
+
+
+def _paired(values: list[float], baseline: list[float]) -> float:
+    return statistics.median(v / b for v, b in zip(values, baseline))
+
+
+if __name__ == "__main__":
+    main()
