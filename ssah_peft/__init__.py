@@ -4,7 +4,13 @@ Importing the package registers the ``SSAH`` method with peft, so ``get_peft_mod
 ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` know it.
 """
 
+from . import data, evaluate, models
+from .data import load_builtin
+from .evaluate import run_evaluation
+from .quantization import dense_weight, disable_cpu_4bit_repacking
+from .scoring import UnitScores, build_calibration_batches, score_units
 from .tuner import SSAHConfig, SSAHLayer, SSAHLinear, SSAHModel, merge_and_dequantize
+from .unit_map import UNIT_TYPES, Migration, UnitMap
 from .units import ARCHITECTURES, ArchitectureSpec, BlockSpec, ProjectionPart, resolve_architecture, unit_slices
 
 __version__ = "0.1.0"
@@ -18,7 +24,20 @@ __all__ = [
     "SSAHLayer",
     "SSAHLinear",
     "SSAHModel",
+    "UNIT_TYPES",
+    "Migration",
+    "UnitMap",
+    "UnitScores",
+    "build_calibration_batches",
+    "data",
+    "dense_weight",
+    "disable_cpu_4bit_repacking",
+    "evaluate",
+    "load_builtin",
     "merge_and_dequantize",
+    "models",
     "resolve_architecture",
+    "run_evaluation",
+    "score_units",
     "unit_slices",
 ]
