@@ -25,6 +25,7 @@ from .scoring import (
     build_calibration_batches,
     score_units,
 )
+from .evaluate import register_cli as register_eval
 from .unit_map import UNIT_TYPES, UnitMap
 
 Registrar = Callable[[Any], None]
@@ -80,7 +81,9 @@ def register_score(subparsers: Any) -> None:
         description="Score every unit of a causal LM on safety and on utility calibration data and classify the "
         "units (SCU/UCU/CU/RU) into a unit map file.",
     )
-    parser.add_argument("--model", required=True, help="local path or hub id of a transformers causal LM")
+    parser.add_argument(
+        "--model", required=True, help="embedded model name (smollm2-135m-instruct), local path or hub id"
+    )
     parser.add_argument(
         "--safety-data", required=True, help="JSONL file with prompt/response fields, or a built-in data set name"
     )
@@ -115,7 +118,8 @@ def register_score(subparsers: Any) -> None:
 
 def _score(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from .models import load as load_model
 
     # read everything that can be wrong before loading a large model
     data = {"safety": read_pairs(args.safety_data, args.num_samples)}
@@ -127,17 +131,12 @@ def _score(args: argparse.Namespace) -> int:
         chat_template, template_name = PLAIN_CHAT_TEMPLATE, "plain"
     else:
         chat_template, template_name = None, "tokenizer"
-    dtype = getattr(torch, args.dtype)
-    load_kwargs: dict[str, Any] = {"dtype": dtype}
-    if args.device_map is not None:
-        load_kwargs["device_map"] = args.device_map
-    if args.load_in_4bit:
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
-        load_kwargs.setdefault("device_map", "auto" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, **load_kwargs)
+    device_map = args.device_map
+    if args.load_in_4bit and device_map is None:
+        device_map = "auto" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(
+        args.model, dtype=getattr(torch, args.dtype), device_map=device_map, load_in_4bit=args.load_in_4bit
+    )
 
     scores: dict[str, UnitScores] = {}
     for name, pairs in data.items():
@@ -232,7 +231,7 @@ def _migrate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 #: The functions that add the commands, in help order.
-COMMANDS: list[Registrar] = [register_score, register_units]
+COMMANDS: list[Registrar] = [register_score, register_units, register_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -545,18 +545,13 @@ def _gradient_hook(saliency: _Saliency) -> Callable[..., None]:
 
 def _attach_projections(model: nn.Module, spec: ArchitectureSpec, method: str) -> list[_OutputProjection]:
     projections = []
-    for kind, block in spec.blocks.items():
-        pattern = spec.layer_pattern(block.out_proj)
-        for name, module in model.named_modules():
-            match = pattern.fullmatch(name)
-            if match is None:
-                continue
-            if isinstance(module, BaseTunerLayer):
-                raise ValueError(
-                    f"{name} is wrapped by a peft adapter; score the base model, or merge the adapters first "
-                    "(model.merge_and_unload(), or ssah_peft.merge_and_dequantize for a quantized base)"
-                )
-            projections.append(_OutputProjection(name, module, int(match.group(1)), kind, method))
+    for kind, layer, name, module in spec.output_projections(model):
+        if isinstance(module, BaseTunerLayer):
+            raise ValueError(
+                f"{name} is wrapped by a peft adapter; score the base model, or merge the adapters first "
+                "(model.merge_and_unload(), or ssah_peft.merge_and_dequantize for a quantized base)"
+            )
+        projections.append(_OutputProjection(name, module, layer, kind, method))
     return sorted(projections, key=lambda p: (p.layer, p.kind))
 
 

@@ -19,7 +19,7 @@ selection needs, so nothing outside the selection is trained).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -104,6 +104,15 @@ class ArchitectureSpec:
     def layer_pattern(self, relative_module: str) -> re.Pattern[str]:
         """Regex matching the full name of ``relative_module`` in any decoder layer; group 1 is the layer."""
         return re.compile(rf"(?:^|.*\.){re.escape(self.layers)}\.(\d+)\.{re.escape(relative_module)}$")
+
+    def output_projections(self, model: Any) -> Iterator[tuple[str, int, str, Any]]:
+        """``(kind, layer, full name, module)`` of every block's output projection in ``model``."""
+        for kind, block in self.blocks.items():
+            pattern = self.layer_pattern(block.out_proj)
+            for name, module in model.named_modules():
+                match = pattern.fullmatch(name)
+                if match is not None:
+                    yield kind, int(match.group(1)), name, module
 
     def modules(self, kind: str) -> tuple[str, ...]:
         block = self.blocks[kind]

@@ -20,16 +20,11 @@ def model_shapes(model: nn.Module, spec: ArchitectureSpec) -> dict[str, Any]:
     """Layer count, hidden size and per-layer block widths, read from the output projections."""
     widths: dict[str, dict[int, int]] = {}
     hidden: set[int] = set()
-    for kind, block in spec.blocks.items():
-        pattern = spec.layer_pattern(block.out_proj)
-        for name, module in model.named_modules():
-            match = pattern.fullmatch(name)
-            if match is None:
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            in_features, out_features = _get_in_out_features(base)
-            widths.setdefault(kind, {})[int(match.group(1))] = int(in_features)
-            hidden.add(int(out_features))
+    for kind, layer, _, module in spec.output_projections(model):
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        in_features, out_features = _get_in_out_features(base)
+        widths.setdefault(kind, {})[layer] = int(in_features)
+        hidden.add(int(out_features))
     found = {kind: sorted(widths.get(kind, {})) for kind in spec.blocks}
     num_layers = len(next(iter(found.values())))
     if num_layers == 0 or any(layers != list(range(num_layers)) for layers in found.values()):
