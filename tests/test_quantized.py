@@ -5,14 +5,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from ssah_peft import SSAHConfig, merge_and_dequantize
-
-bnb = pytest.importorskip("bitsandbytes")  # part of the [test] extra; the skip only guards a bare install
 
 # dims are multiples of 64, as bitsandbytes' CPU kernels expect
 SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
+import trl
 from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
 from peft import PeftModel
 
 from ssah_peft import SSAHConfig, SSAHLayer
-
-trl = pytest.importorskip("trl")  # part of the [test] extra; the skip only guards a bare install
 
 
 def chat_dataset() -> Dataset:
