@@ -13,6 +13,8 @@ from .tuner import SSAHConfig, SSAHLayer, SSAHLinear, SSAHModel, merge_and_dequa
 from .unit_map import UNIT_TYPES, Migration, UnitMap
 from .units import ARCHITECTURES, ArchitectureSpec, BlockSpec, ProjectionPart, resolve_architecture, unit_slices
 
+from . import analysis  # noqa: E402  (after the modules it builds on)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Migration",
     "UnitMap",
     "UnitScores",
+    "analysis",
     "build_calibration_batches",
     "data",
     "dense_weight",

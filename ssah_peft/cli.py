@@ -25,6 +25,7 @@ from .scoring import (
     build_calibration_batches,
     score_units,
 )
+from .analysis import register_ablate, register_probe, register_report, register_scan
 from .evaluate import register_cli as register_eval
 from .unit_map import UNIT_TYPES, UnitMap
 
@@ -231,7 +232,9 @@ def _migrate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------
 
 #: The functions that add the commands, in help order.
-COMMANDS: list[Registrar] = [register_score, register_units, register_eval]
+COMMANDS: list[Registrar] = [
+    register_score, register_units, register_eval, register_probe, register_ablate, register_scan, register_report
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,6 +69,9 @@ class UnitMap:
     """Scorer and data of each score: ``{"safety": {...}, "utility": {...}}``."""
     composite_fraction: float = 0.0
     """Fraction of all units, taken from the most safety-leaning CU, that protect mode freezes besides the SCU."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Free-form JSON-serialisable notes kept with the map, e.g. the group sizes chosen by a degradation scan
+    (:func:`ssah_peft.analysis.degradation_scan` writes ``metadata["scan"]``)."""
 
     # ------------------------------------------------------------------------------------------------
     # Construction
@@ -302,6 +305,7 @@ class UnitMap:
             "settings": json.dumps(self.settings),
             "calibration": json.dumps(self.calibration),
             "composite_fraction": json.dumps(self.composite_fraction),
+            "metadata": json.dumps(self.metadata),
         }
         save_file(tensors, str(path), metadata=metadata)
 
@@ -339,6 +343,7 @@ class UnitMap:
             settings=json.loads(metadata["settings"]),
             calibration=json.loads(metadata["calibration"]),
             composite_fraction=json.loads(metadata["composite_fraction"]),
+            metadata=json.loads(metadata.get("metadata", "{}")),
         )
 
     # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,43 @@
+"""Analysis tools after Li & Kim (arXiv 2410.10862): what the unit types are for, and how the model reasons.
+
+* :func:`probe_reasoning_direction`: does a harmful query's hidden state lean towards refusal or compliance?
+* :func:`ablate`, :func:`random_units_like`, :func:`ablation_table`: zero unit sets reversibly; the paper's Table 1.
+* :func:`degradation_scan`: size the unit groups by pruning until safety or utility changes.
+* figures (PNG + CSV) and :func:`build_report` for a run directory (convention in :mod:`.report`).
+"""
+
+from .ablation import AblationRow, AblationTable, UnitSet, ablate, ablation_table, random_units_like, units_dict
+from .commands import register_ablate, register_probe, register_scan
+from .figures import plot_ablation, plot_migration, plot_probe, plot_unit_types
+from .probe import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS, ProbeResult, probe_reasoning_direction
+from .report import build_report, register_report
+from .scan import CRITERIA, ScanResult, cheap_metrics, degradation_scan, scores_of, top_units
+
+__all__ = [
+    "CRITERIA",
+    "DEFAULT_COMPLIANCE_OPENINGS",
+    "DEFAULT_REFUSAL_OPENINGS",
+    "AblationRow",
+    "AblationTable",
+    "ProbeResult",
+    "ScanResult",
+    "UnitSet",
+    "ablate",
+    "ablation_table",
+    "build_report",
+    "cheap_metrics",
+    "degradation_scan",
+    "plot_ablation",
+    "plot_migration",
+    "plot_probe",
+    "plot_unit_types",
+    "probe_reasoning_direction",
+    "random_units_like",
+    "register_ablate",
+    "register_probe",
+    "register_report",
+    "register_scan",
+    "scores_of",
+    "top_units",
+    "units_dict",
+]

@@ -1,0 +1,318 @@
+"""Unit ablation: zero a set of units for the duration of a ``with`` block, and the paper's Table 1.
+
+Li & Kim (arXiv 2410.10862, Table 1) test what each unit type is for by pruning it: removing the safety-critical
+units (SCU) should raise the attack success rate far more than removing a random set of the same size, while
+utility (perplexity, task accuracy) barely moves; removing utility-critical units (UCU) should ruin utility.
+
+Pruning unit j means zeroing column j of the block's output projection (``parts="out_proj"``): the unit then
+writes nothing into the residual stream, whatever it computes. ``parts="all"`` also zeroes every input-side row
+the unit reads from (rule ``"any"`` of :func:`ssah_peft.unit_slices`: rows shared with other units, such as a
+query head's rows, are zeroed if any of their units is ablated).
+
+:func:`ablate` modifies the weights in place and restores them on exit, also on exceptions: the values it
+zeroed are kept and written back (fp weights, bit-exact), and a bitsandbytes 4-bit weight, which must be
+dequantized and requantized to be changed, is swapped back to the very parameter object it replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import resolve_quantization_backend
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility
+from ..quantization import dense_weight
+from ..tuner.model import model_shapes
+from ..unit_map import UnitMap, UnitsDict
+from ..units import ArchitectureSpec, UnitParts, resolve_architecture, unit_slices
+
+#: Units as ``{layer: {"mlp": [...], "attn": [...]}}`` (layer as int or str; kinds may be missing).
+UnitSet = Mapping[Union[int, str], Mapping[str, Sequence[int]]]
+
+
+def units_dict(units: Union[UnitSet, UnitMap], types: Optional[Sequence[str]] = None) -> UnitsDict:
+    """Normalise ``units`` to ``{str(layer): {kind: sorted unique indices}}``.
+
+    A :class:`~ssah_peft.UnitMap` needs ``types``: the union of those unit types is taken.
+    """
+    if isinstance(units, UnitMap):
+        if not types:
+            raise ValueError("Ablating a UnitMap needs the unit types to ablate, e.g. types=['SCU']")
+        merged: dict[str, dict[str, set[int]]] = {}
+        for unit_type in types:
+            for layer, blocks in units.units_of(unit_type).items():
+                for kind, indices in blocks.items():
+                    merged.setdefault(layer, {}).setdefault(kind, set()).update(indices)
+        return {layer: {kind: sorted(i) for kind, i in blocks.items()} for layer, blocks in merged.items()}
+    if types:
+        raise ValueError("types only applies to a UnitMap; a units dict is ablated as given")
+    return {
+        str(layer): {kind: sorted({int(i) for i in indices}) for kind, indices in blocks.items()}
+        for layer, blocks in units.items()
+    }
+
+
+def count_units(units: UnitSet) -> int:
+    return sum(len(indices) for blocks in units.values() for indices in blocks.values())
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+class _LayerHolder:
+    """What peft's ``QuantizationBackend.set_base_weight`` expects: something with ``get_base_layer()``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def get_base_layer(self) -> nn.Module:
+        return self.layer
+
+
+def _zero_in_place(weight: torch.Tensor, slices: Sequence[tuple[str, torch.Tensor]]) -> None:
+    for axis, index in slices:
+        weight.index_fill_(1 if axis == "in" else 0, index.to(weight.device), 0.0)
+
+
+@contextmanager
+@torch.no_grad()
+def _zeroed(module: nn.Module, slices: list[tuple[str, torch.Tensor]]) -> Iterator[None]:
+    """Zero slices (``[out, in]`` convention) of one layer's weight (and the bias of zeroed rows), then restore."""
+    backend = resolve_quantization_backend(module)
+    bias = module.bias if isinstance(getattr(module, "bias", None), torch.Tensor) else None
+    rows = [index for axis, index in slices if axis == "out"]
+    saved_bias = None
+    if bias is not None and rows:
+        row_index = torch.cat(rows).unique().to(bias.device)
+        saved_bias = (row_index, bias.data[row_index].clone())
+        bias.data[row_index] = 0
+    if backend is None:
+        weight = dense_weight(module)  # the parameter data itself (a transposed view for Conv1D)
+        saved = [(axis, index, weight.index_select(1 if axis == "in" else 0, index.to(weight.device)).clone())
+                 for axis, index in slices]
+        _zero_in_place(weight, slices)
+    else:
+        if backend.backend_name != "bnb 4bit":
+            raise NotImplementedError(
+                f"Ablation of {backend.backend_name} layers is not supported (only fp and bitsandbytes 4-bit weights)"
+            )
+        original_weight = module.weight
+        had_state = "quant_state" in vars(module)
+        original_state = vars(module).get("quant_state")
+        weight = dense_weight(module).clone()
+        _zero_in_place(weight, slices)
+        backend.set_base_weight(_LayerHolder(module), weight.to(original_weight.quant_state.dtype))
+    try:
+        yield
+    finally:
+        if backend is None:
+            weight = dense_weight(module)
+            for axis, index, values in saved:
+                weight.index_copy_(1 if axis == "in" else 0, index.to(weight.device), values)
+        else:
+            module.weight = original_weight
+            if had_state:
+                module.quant_state = original_state
+        if saved_bias is not None:
+            bias.data[saved_bias[0]] = saved_bias[1]
+
+
+@contextmanager
+def ablate(
+    model: nn.Module,
+    units: Union[UnitSet, UnitMap],
+    *,
+    types: Optional[Sequence[str]] = None,
+    parts: UnitParts = "out_proj",
+    spec: Optional[ArchitectureSpec] = None,
+) -> Iterator[UnitsDict]:
+    """Zero ``units`` of ``model`` inside the ``with`` block; the weights are restored on exit.
+
+    Args:
+        model: a transformers causal LM (fp or bitsandbytes 4-bit; a peft-wrapped model ablates its base layers).
+        units: ``{layer: {"mlp": [...], "attn": [...]}}``, or a :class:`~ssah_peft.UnitMap` with ``types``.
+        types: the unit types to ablate when ``units`` is a UnitMap.
+        parts: ``"out_proj"`` zeroes the output-projection columns (the unit's write); ``"all"`` also zeroes the
+            input-side rows (rule ``"any"``) and their biases.
+        spec: the architecture; looked up from ``model.config`` by default.
+
+    Yields:
+        The ablated units as a normalised dict. For 4-bit layers the zeroed weight is requantized while active
+        (the other weights of each touched quantization block move within quantization error); on exit the
+        original quantized parameters are put back unchanged.
+    """
+    spec = spec or resolve_architecture(model.config)
+    chosen = units_dict(units, types)
+    shapes = model_shapes(model, spec)
+    widths = shapes["widths"]
+    unknown = sorted(layer for layer in chosen if not layer.isdigit() or int(layer) >= shapes["num_layers"])
+    if unknown:
+        raise ValueError(f"Units name layers the model does not have: {unknown}")
+    per_module: dict[str, tuple[nn.Module, list[tuple[str, torch.Tensor]]]] = {}
+    for kind, layer, name, module in spec.output_projections(model):
+        indices = chosen.get(str(layer), {}).get(kind, [])
+        if not indices:
+            continue
+        width = widths[kind][layer]
+        if max(indices) >= width or min(indices) < 0:
+            raise ValueError(f"Unit indices of layer {layer} {kind} must lie in [0, {width}), got {indices}")
+        prefix = name[: len(name) - len(spec.blocks[kind].out_proj)]
+        for relative, (axis, index) in unit_slices(spec, kind, torch.tensor(indices), width, "any", parts).items():
+            target = _base(model.get_submodule(prefix + relative))
+            per_module.setdefault(prefix + relative, (target, []))[1].append((axis, index))
+    with ExitStack() as stack:
+        for module, slices in per_module.values():
+            stack.enter_context(_zeroed(module, slices))
+        yield chosen
+
+
+def random_units_like(
+    units: Union[UnitSet, UnitMap],
+    model: nn.Module,
+    seed: int = 0,
+    *,
+    types: Optional[Sequence[str]] = None,
+    spec: Optional[ArchitectureSpec] = None,
+) -> UnitsDict:
+    """A random control for ``units``: as many units per layer and kind, drawn from the units NOT in the set.
+
+    Drawing from the complement makes the comparison "these units vs. others of the same size and place"; a
+    block where the set holds more than half of the units cannot be matched and raises ``ValueError``.
+    """
+    chosen = units_dict(units, types)
+    widths = model_shapes(model, spec or resolve_architecture(model.config))["widths"]
+    generator = torch.Generator().manual_seed(seed)
+    control: UnitsDict = {}
+    for layer, blocks in chosen.items():
+        for kind, indices in blocks.items():
+            others = torch.ones(widths[kind][int(layer)], dtype=torch.bool)
+            others[indices] = False
+            candidates = torch.nonzero(others).flatten()
+            if len(indices) > candidates.numel():
+                raise ValueError(
+                    f"Layer {layer} {kind}: {len(indices)} units leave only {candidates.numel()} others to draw from"
+                )
+            picked = candidates[torch.randperm(candidates.numel(), generator=generator)[: len(indices)]]
+            control.setdefault(layer, {})[kind] = sorted(picked.tolist())
+    return control
+
+
+# ----------------------------------------------------------------------------------------------------
+# Table 1
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AblationRow:
+    """Metrics of the model with one unit set ablated (``"none"``: the intact model)."""
+
+    name: str
+    num_units: int
+    share: float
+    """Fraction of all units of the model."""
+    asr: float
+    overrefusal: float
+    accuracy: float
+    perplexity: float
+    seconds: float
+
+
+@dataclass
+class AblationTable:
+    """The paper's Table 1 shape: one row per ablated unit type (and a random control), plus the intact model."""
+
+    rows: list[AblationRow]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        lines = ["| ablated | units | share | ASR | over-refusal | task acc. | PPL | s |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in self.rows:
+            lines.append(
+                f"| {r.name} | {r.num_units} | {100 * r.share:.1f}% | {r.asr:.3f} | {r.overrefusal:.3f} | "
+                f"{r.accuracy:.3f} | {r.perplexity:.2f} | {r.seconds:.0f} |"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [asdict(r) for r in self.rows], "settings": self.settings}
+
+    def save(self, path: Union[str, Path]) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> AblationTable:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(rows=[AblationRow(**r) for r in data["rows"]], settings=data.get("settings", {}))
+
+
+def _measure(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings, limit: int
+) -> dict[str, float]:
+    from ..data import load_builtin
+
+    safety, _ = evaluate_safety(model, tokenizer, settings=settings, limit=limit)
+    utility, _ = evaluate_utility(
+        model, tokenizer, settings=settings, limit=limit,
+        perplexity_sets={"utility_calibration": load_builtin("utility_calibration")},
+    )
+    return {
+        "asr": safety["harmful"]["asr"],
+        "overrefusal": safety["overrefusal"]["rate"],
+        "accuracy": utility["task"]["accuracy"],
+        "perplexity": utility["perplexity"]["utility_calibration"]["ppl"],
+    }
+
+
+def ablation_table(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    unit_map: UnitMap,
+    types: Sequence[str] = ("SCU", "UCU", "RU", "CU"),
+    random_control: bool = True,
+    *,
+    parts: UnitParts = "out_proj",
+    limit: int = 20,
+    settings: Optional[GenerationSettings] = None,
+    seed: int = 0,
+) -> AblationTable:
+    """Ablate each unit type of ``unit_map`` in turn and measure ASR, over-refusal, task accuracy and perplexity.
+
+    The first row is the intact model; with ``random_control`` the last row ablates random units of the same
+    size per layer and kind as ``types[0]`` (SCU by default), the control the SCU row must beat. Every set is
+    evaluated on the first ``limit`` records of the built-in sets (keyword judges; perplexity of the
+    ``utility_calibration`` responses), greedy with ``settings`` (default: 32 new tokens, batches of 16).
+    """
+    unit_map.check_model(model)
+    settings = settings or GenerationSettings(max_new_tokens=32, show_progress=False)
+    total = sum(sum(w) for w in unit_map.fingerprint["widths"].values())
+    sets: list[tuple[str, UnitsDict]] = [("none", {})]
+    sets += [(unit_type, units_dict(unit_map, [unit_type])) for unit_type in types]
+    if random_control and types:
+        sets.append((f"random ({types[0]}-sized)", random_units_like(unit_map, model, seed, types=[types[0]])))
+    rows = []
+    for name, units in sets:
+        start = time.perf_counter()
+        with ablate(model, units, parts=parts):
+            metrics = _measure(model, tokenizer, settings, limit)
+        count = count_units(units)
+        rows.append(AblationRow(name=name, num_units=count, share=count / total, **metrics,
+                                seconds=round(time.perf_counter() - start, 2)))
+    return AblationTable(
+        rows=rows,
+        settings={"parts": parts, "limit": limit, "max_new_tokens": settings.max_new_tokens, "seed": seed,
+                  "unit_map_settings": unit_map.settings},
+    )

@@ -1,0 +1,143 @@
+"""Figures of the analyses, each a PNG with a CSV of exactly the plotted numbers next to it (same stem).
+
+The CSV makes every figure checkable and re-plottable without the run that produced it. Figures are drawn with
+matplotlib's object API (``Figure``, no pyplot state), so they work headless and in threads.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from ..unit_map import UNIT_TYPES, Migration, UnitMap
+from .ablation import AblationTable
+from .probe import ProbeResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PathLike = Union[str, Path]
+#: Row/column order of migration matrices: the paper's order of the types.
+TYPE_ORDER: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
+
+
+def _write_csv(png: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
+    path = png.with_suffix(".csv")
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def _figure(**kwargs: Any) -> Figure:
+    """A new matplotlib figure; matplotlib is imported on first use, so importing the package stays fast."""
+    from matplotlib.figure import Figure
+
+    return Figure(layout="constrained", **kwargs)
+
+
+def _save(figure: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=120)
+    return path
+
+
+def plot_unit_types(unit_map: UnitMap, path: PathLike) -> Path:
+    """Share of each unit type per layer and block kind (:meth:`UnitMap.plot`), plus the counts as CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    unit_map.plot(path)
+    counts = unit_map.counts()
+    _write_csv(path, ["layer", "kind", *UNIT_TYPES],
+               [[layer, kind, *(c[t] for t in UNIT_TYPES)] for (layer, kind), c in sorted(counts.items())])
+    return path
+
+
+def plot_migration(migration: Migration, path: PathLike, title: str = "unit type migration") -> Path:
+    """The paper's Fig. 5 as a matrix: rows = type before, columns = type after, cells = count and % of units."""
+    order = list(TYPE_ORDER)
+    percent = migration.percent
+    index = [UNIT_TYPES.index(t) for t in order]
+    counts = migration.counts[index][:, index]
+    shares = percent[index][:, index]
+    figure = _figure(figsize=(5.2, 4.4))
+    ax = figure.subplots()
+    image = ax.imshow(shares.numpy(), cmap="Blues")
+    for i in range(len(order)):
+        for j in range(len(order)):
+            dark = shares[i, j] > 0.6 * float(shares.max())
+            ax.text(j, i, f"{int(counts[i, j])}\n{float(shares[i, j]):.2f}%", ha="center", va="center",
+                    fontsize="small", color="white" if dark else "black")
+    ax.set_xticks(range(len(order)), order)
+    ax.set_yticks(range(len(order)), order)
+    ax.set_xlabel("after")
+    ax.set_ylabel("before")
+    ax.set_title(title)
+    figure.colorbar(image, ax=ax, label="% of all units")
+    path = _save(figure, path)
+    _write_csv(path, ["before", "after", "count", "percent"],
+               [[a, b, int(counts[i, j]), float(shares[i, j])]
+                for i, a in enumerate(order) for j, b in enumerate(order)])
+    return path
+
+
+def plot_probe(result: ProbeResult, path: PathLike) -> Path:
+    """Distance of Q to the refusal and compliance continuations: per block (at ``max_appended`` tokens) and per
+    number of appended tokens (mean over blocks), with 95% confidence bands over prompts."""
+    by_block, by_appended = result.block_means(), result.appended_means()
+    blocks = list(range(result.num_blocks))
+    appended = list(range(1, result.max_appended + 1))
+    colors = {"refusal": "#2ca02c", "compliance": "#d62728"}
+    figure = _figure(figsize=(10, 3.6))
+    left, right = figure.subplots(1, 2)
+    for ax, x, series in ((left, blocks, by_block), (right, appended, by_appended)):
+        for name, (mean, ci) in series.items():
+            ax.plot(x, mean.numpy(), marker="o", markersize=3, color=colors[name], label=f"Q + {name}")
+            ax.fill_between(x, (mean - ci).numpy(), (mean + ci).numpy(), color=colors[name], alpha=0.2)
+        ax.set_ylabel("cosine distance to Q")
+        ax.legend(fontsize="small")
+    left.set_xlabel("block")
+    left.set_title(f"per block, {result.max_appended} appended tokens")
+    right.set_xlabel("appended tokens")
+    right.set_title("mean over blocks")
+    figure.suptitle(result.verdict(), fontsize="medium")
+    path = _save(figure, path)
+    rows = [["block", b, result.max_appended, *(float(v) for name in ("refusal", "compliance")
+                                                  for v in (by_block[name][0][b], by_block[name][1][b])),
+             float(result.refusal_preference()[b])] for b in blocks]
+    rows += [["appended", "mean", k, *(float(v) for name in ("refusal", "compliance")
+                                       for v in (by_appended[name][0][k - 1], by_appended[name][1][k - 1])), ""]
+             for k in appended]
+    _write_csv(path, ["series", "block", "appended", "refusal_mean", "refusal_ci95", "compliance_mean",
+                      "compliance_ci95", "fraction_preferring_refusal"], rows)
+    return path
+
+
+ABLATION_METRICS: tuple[tuple[str, str], ...] = (
+    ("asr", "attack success rate"),
+    ("overrefusal", "over-refusal rate"),
+    ("accuracy", "task accuracy"),
+    ("perplexity", "perplexity"),
+)
+
+
+def plot_ablation(table: AblationTable, path: PathLike) -> Path:
+    """One bar panel per metric, one bar per ablated set (the intact model first)."""
+    names = [row.name for row in table.rows]
+    figure = _figure(figsize=(3.0 * len(ABLATION_METRICS), 3.4))
+    for ax, (key, label) in zip(figure.subplots(1, len(ABLATION_METRICS)), ABLATION_METRICS):
+        values = [getattr(row, key) for row in table.rows]
+        bars = ax.bar(range(len(names)), values, color="#7f7f7f")
+        ax.bar_label(bars, fmt="%.2f", fontsize="x-small")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize="small")
+        ax.set_title(label)
+        if key == "perplexity":
+            ax.set_yscale("log")
+    path = _save(figure, path)
+    _write_csv(path, ["ablated", "num_units", "share", *(key for key, _ in ABLATION_METRICS)],
+               [[r.name, r.num_units, r.share, *(getattr(r, key) for key, _ in ABLATION_METRICS)] for r in table.rows])
+    return path
