@@ -1,11 +1,16 @@
 """Analysis tools: reversible unit ablation (fp and 4-bit), planted units vs a random control, the reasoning-direction
-probe against a direct computation, the degradation scan on a synthetic metric, figures and the run-dir report."""
+probe against a direct computation, the degradation scan on a synthetic metric, figures, the run-dir report, and the
+probe/ablate/scan/report commands end to end on a saved tiny model."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+from contextlib import redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,18 +21,25 @@ from ssah_peft import UnitMap, UnitScores, dense_weight, disable_cpu_4bit_repack
 from ssah_peft.analysis import (
     AblationRow,
     AblationTable,
+    ProbeResult,
+    ScanResult,
     ablate,
     build_report,
+    commands,
     degradation_scan,
     plot_ablation,
     plot_migration,
     plot_probe,
+    plot_scan,
     plot_unit_types,
     probe_reasoning_direction,
     random_units_like,
     top_units,
 )
+from ssah_peft.analysis.scan import DEFAULT_TOLERANCES
 from ssah_peft.cli import main
+from ssah_peft.data import load_builtin
+from ssah_peft.evaluate import perplexity
 from ssah_peft.scoring import model_fingerprint
 
 # ----------------------------------------------------------------------------------------------------
@@ -263,9 +275,7 @@ def assert_figure(png: Path, rows: int) -> None:
         assert len(list(csv.reader(f))) == rows + 1
 
 
-def synthetic_probe():
-    from ssah_peft.analysis import ProbeResult
-
+def synthetic_probe() -> ProbeResult:
     generator = torch.Generator().manual_seed(0)
     return ProbeResult(refusal=torch.rand(5, 4, 3, generator=generator, dtype=torch.float64) * 0.5,
                        compliance=torch.rand(5, 4, 3, generator=generator, dtype=torch.float64) * 0.5 + 0.3)
@@ -287,6 +297,44 @@ def test_figures_are_written_with_their_data(tmp_path):
     assert_figure(plot_ablation(synthetic_table(), tmp_path / "ablation.png"), rows=4)
 
 
+def synthetic_scans() -> list[ScanResult]:
+    """RU breaks on the NLL at its third step; SCU at its first, so nothing is chosen; UCU never breaks (its NLL
+    moves, but UCU does not watch the NLL)."""
+    baseline = {"refusal_rate": 0.9, "mean_nll": 2.0}
+
+    def steps(*values: tuple[float, float]) -> list[dict[str, float]]:
+        return [{"refusal_rate": r, "mean_nll": n} for r, n in values]
+
+    return [
+        ScanResult("RU", baseline, [0.01, 0.05, 0.1], steps((0.9, 2.02), (0.85, 2.05), (0.8, 2.3)),
+                   DEFAULT_TOLERANCES["RU"], chosen_fraction=0.05),
+        ScanResult("SCU", baseline, [0.01], steps((0.4, 2.2)), DEFAULT_TOLERANCES["SCU"], chosen_fraction=0.0),
+        ScanResult("UCU", baseline, [0.01, 0.05], steps((0.88, 2.5), (0.85, 3.0)), DEFAULT_TOLERANCES["UCU"],
+                   chosen_fraction=0.05),
+    ]
+
+
+def test_scan_figure_has_a_csv_row_per_scan_step(tmp_path):
+    scans = synthetic_scans()
+    png = plot_scan(scans, tmp_path / "scan.png")
+    assert_figure(png, rows=sum(1 + len(scan.fractions) for scan in scans))
+    with open(png.with_suffix(".csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    expected = [(scan, fraction, values) for scan in scans
+                for fraction, values in zip([0.0, *scan.fractions], [scan.baseline, *scan.metrics])]
+    for row, (scan, fraction, values) in zip(rows, expected):
+        assert (row["criterion"], float(row["fraction"])) == (scan.criterion, fraction)
+        assert {name: float(row[name]) for name in values} == values
+        for name in ("refusal_rate", "mean_nll"):
+            tolerance = row[f"{name}_tolerance"]
+            assert (float(tolerance) if tolerance else None) == scan.tolerances.get(name)
+        assert (row["chosen"] == "True") == (fraction == scan.chosen_fraction)
+    broken = [(r["criterion"], float(r["fraction"]), r["beyond_tolerance"]) for r in rows if r["beyond_tolerance"]]
+    assert broken == [("RU", 0.1, "mean_nll"), ("SCU", 0.01, "mean_nll")]
+    with pytest.raises(ValueError, match="No scan results"):
+        plot_scan([], tmp_path / "none.png")
+
+
 def test_report_assembles_a_run_directory(tmp_path):
     synthetic_probe().save(tmp_path / "probe.json")
     synthetic_table().save(tmp_path / "ablation.json")
@@ -297,10 +345,148 @@ def test_report_assembles_a_run_directory(tmp_path):
          "tolerances": {"m": 0.1}, "chosen_fraction": 0.1}))
     assert main(["report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    for heading in ("probe", "Unit ablation", "Degradation scan: RU", "unitmap_before", "migration"):
+    for heading in ("probe", "Unit ablation", "Degradation scan curves", "Degradation scan: RU", "unitmap_before",
+                    "migration"):
         assert heading in report
     assert "prefers refusal in 4 of 4 blocks" in report
-    for name in ("probe", "ablation", "unitmap_before", "unitmap_after", "migration"):
+    for name in ("probe", "ablation", "scan", "unitmap_before", "unitmap_after", "migration"):
         assert (tmp_path / "figures" / f"{name}.png").is_file() and f"figures/{name}.png" in report
     with pytest.raises(FileNotFoundError):
         build_report(tmp_path / "figures")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commands end to end
+# ----------------------------------------------------------------------------------------------------
+
+PROBE_PROMPTS, MAX_APPENDED, EVAL_LIMIT, SCAN_FRACTIONS = 2, 3, 2, (0.05, 0.2)
+
+
+@pytest.fixture(scope="module")
+def command_run(tmp_path_factory) -> SimpleNamespace:
+    """A saved tiny llama with the tiny tokenizer and a unit map of it (also the run's ``unitmap_before``); the
+    probe, ablate and scan commands then write into one run directory, with tiny limits so that all three take a
+    few seconds. Each command's printout and the model object it loaded are kept, to check the model afterwards."""
+    root = tmp_path_factory.mktemp("commands")
+    checkpoint, run_dir = root / "model", root / "run"
+    model = tiny_model("llama", vocab_size=128).float()
+    model.save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    unit_map = UnitMap.from_scores(model_scores(model, 1), model_scores(model, 2), scu=0.05, ucu=0.1, ru=0.1)
+    run_dir.mkdir()
+    unit_map.save(run_dir / "unitmap_before.safetensors")
+    common = ["--model", str(checkpoint), "--out-dir", str(run_dir), "--no-progress"]
+    arguments = {
+        "probe": ["--limit", str(PROBE_PROMPTS), "--max-appended", str(MAX_APPENDED)],
+        "ablate": ["--unit-map", str(run_dir / "unitmap_before.safetensors"), "--limit", str(EVAL_LIMIT),
+                   "--max-new-tokens", "2"],
+        "scan": ["--unit-map", str(run_dir / "unitmap_before.safetensors"), "--limit", str(EVAL_LIMIT),
+                 "--fractions", *map(str, SCAN_FRACTIONS), "--out-map", str(run_dir / "unitmap_after.safetensors")],
+    }
+    loaded, printed = {}, {}
+    load = commands._load
+
+    def keep(args):
+        loaded[args.command], tokenizer = load(args)
+        return loaded[args.command], tokenizer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(commands, "_load", keep)
+        for command, extra in arguments.items():
+            with redirect_stdout(io.StringIO()) as out:
+                assert main([command, *common, *extra]) == 0
+            printed[command] = out.getvalue()
+    return SimpleNamespace(checkpoint=checkpoint, run_dir=run_dir, unit_map=unit_map, loaded=loaded,
+                           printed=printed)
+
+
+def assert_unchanged(model, checkpoint: Path) -> None:
+    """The model's weights are bit-exactly those of the checkpoint it was loaded from."""
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint / "model.safetensors")
+    state = model.state_dict()
+    assert saved and all(torch.equal(state[key], value) for key, value in saved.items())
+
+
+def test_probe_command_writes_the_distances_of_the_first_prompts(command_run):
+    result = ProbeResult.load(command_run.run_dir / "probe.json")
+    assert result.refusal.shape == result.compliance.shape == (PROBE_PROMPTS, 2, MAX_APPENDED)
+    for distances in (result.refusal, result.compliance):
+        assert torch.isfinite(distances).all() and (distances >= 0).all() and (distances <= 2).all()
+    prompts = [r["prompt"] for r in load_builtin("harmful_eval")][:PROBE_PROMPTS]
+    direct = probe_reasoning_direction(command_run.loaded["probe"], tiny_tokenizer(), prompts,
+                                       max_appended=MAX_APPENDED, show_progress=False)
+    torch.testing.assert_close(result.refusal, direct.refusal)
+    torch.testing.assert_close(result.compliance, direct.compliance)
+    assert f"The model {result.verdict()}" in command_run.printed["probe"]
+    assert json.loads((command_run.run_dir / "probe.json").read_text())["verdict"] == result.verdict()
+    assert_figure(command_run.run_dir / "probe.png", rows=2 + MAX_APPENDED)
+
+
+def test_ablate_command_measures_every_type_and_leaves_the_model_intact(command_run):
+    table = AblationTable.load(command_run.run_dir / "ablation.json")
+    unit_map = command_run.unit_map
+    sizes = {t: sum(len(i) for blocks in unit_map.units_of(t).values() for i in blocks.values())
+             for t in ("SCU", "UCU", "RU", "CU")}
+    assert [(r.name, r.num_units) for r in table.rows] == [
+        ("none", 0), *sizes.items(), ("random (SCU-sized)", sizes["SCU"])]
+    for row in table.rows:
+        assert row.share == row.num_units / 160
+        assert all(0 <= value <= 1 for value in (row.asr, row.overrefusal, row.accuracy))
+        assert math.isfinite(row.perplexity) and row.perplexity > 1
+    assert table.settings["limit"] == EVAL_LIMIT and table.settings["max_new_tokens"] == 2
+    # the intact row is the model as saved, the model is restored after the last set, and ablating did something
+    model = command_run.loaded["ablate"]
+    assert_unchanged(model, command_run.checkpoint)
+    records = list(load_builtin("utility_calibration"))[:EVAL_LIMIT]
+    intact = perplexity(model, tiny_tokenizer(), records, batch_size=16, show_progress=False)["ppl"]
+    assert table.rows[0].perplexity == pytest.approx(intact, rel=1e-6)
+    assert any(row.perplexity != table.rows[0].perplexity for row in table.rows[1:])
+    assert table.markdown() in command_run.printed["ablate"]
+    assert_figure(command_run.run_dir / "ablation.png", rows=len(table.rows))
+
+
+def test_scan_command_writes_each_criterion_the_figure_and_the_resized_map(command_run):
+    run_dir = command_run.run_dir
+    scans = [ScanResult.load(run_dir / f"scan_{criterion}.json") for criterion in ("RU", "SCU", "UCU")]
+    for scan in scans:
+        assert scan.tolerances == DEFAULT_TOLERANCES[scan.criterion]
+        assert scan.fractions and scan.fractions == list(SCAN_FRACTIONS[: len(scan.fractions)])
+        assert len(scan.metrics) == len(scan.fractions)
+        for values in (scan.baseline, *scan.metrics):
+            assert set(values) == {"refusal_rate", "mean_nll"}
+            assert 0 <= values["refusal_rate"] <= 1 and 0 < values["mean_nll"] < 20
+        within = [all(abs(m[k] - scan.baseline[k]) <= t for k, t in scan.tolerances.items()) for m in scan.metrics]
+        assert all(within[:-1]) and (within[-1] or len(scan.fractions) < len(SCAN_FRACTIONS))  # stops at a break
+        assert scan.chosen_fraction == max([0.0] + [f for f, ok in zip(scan.fractions, within) if ok])
+    # the criteria were scanned one after the other on the same model: it was restored between them
+    assert scans[0].baseline == scans[1].baseline == scans[2].baseline
+    assert_unchanged(command_run.loaded["scan"], command_run.checkpoint)
+    assert_figure(run_dir / "scan.png", rows=sum(1 + len(scan.fractions) for scan in scans))
+    resized = UnitMap.load(run_dir / "unitmap_after.safetensors")
+    resized.check_model(command_run.loaded["scan"])
+    assert {k: resized.settings[k] for k in ("ru", "scu", "ucu")} == {
+        scan.criterion.lower(): scan.chosen_fraction for scan in scans}
+    assert {c: s["chosen_fraction"] for c, s in resized.metadata["scan"].items()} == {
+        scan.criterion: scan.chosen_fraction for scan in scans}
+    for scan in scans:
+        assert f"{scan.criterion}: chosen fraction {scan.chosen_fraction}" in command_run.printed["scan"]
+
+
+def test_report_command_assembles_the_command_outputs(command_run):
+    run_dir = command_run.run_dir
+    assert main(["report", str(run_dir)]) == 0
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert ProbeResult.load(run_dir / "probe.json").verdict() in report
+    assert AblationTable.load(run_dir / "ablation.json").markdown() in report
+    for criterion in ("RU", "SCU", "UCU"):
+        scan = ScanResult.load(run_dir / f"scan_{criterion}.json")
+        assert f"## Degradation scan: {criterion}\n\nChosen fraction {scan.chosen_fraction} " in report
+        assert f"| {scan.fractions[-1]} | " in report
+    for name in ("probe", "ablation", "scan", "unitmap_before", "unitmap_after", "migration"):
+        assert f"](figures/{name}.png)" in report and f"](figures/{name}.csv)" in report
+        assert (run_dir / "figures" / f"{name}.png").stat().st_size > 1000
+    with open(run_dir / "figures" / "scan.csv", encoding="utf-8") as f, open(run_dir / "scan.csv",
+                                                                              encoding="utf-8") as g:
+        assert f.read() == g.read()  # the report redraws the command's figure from the saved results

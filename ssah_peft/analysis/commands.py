@@ -15,7 +15,7 @@ from ..evaluate import GenerationSettings
 from ..models import DEFAULT_MODEL
 from ..unit_map import UnitMap
 from .ablation import ablation_table
-from .figures import plot_ablation, plot_probe
+from .figures import plot_ablation, plot_probe, plot_scan
 from .probe import probe_reasoning_direction
 from .scan import CRITERIA, cheap_metrics, degradation_scan, scores_of
 
@@ -121,7 +121,7 @@ def _scan(args: argparse.Namespace) -> int:
     metric_fn = cheap_metrics(tokenizer, limit=args.limit)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     extra = {"fractions": args.fractions} if args.fractions else {}
-    chosen = {}
+    chosen, results = {}, []
     for criterion in args.criteria:
         result = degradation_scan(
             model, tokenizer, safety, utility, criterion, metric_fn=metric_fn, parts=args.parts,
@@ -131,6 +131,8 @@ def _scan(args: argparse.Namespace) -> int:
         chosen[criterion.lower()] = result.chosen_fraction
         print(f"{criterion}: chosen fraction {result.chosen_fraction} (scanned {result.fractions})")
         result.save(args.out_dir / f"scan_{criterion}.json")
+        results.append(result)
+    print(f"wrote {plot_scan(results, args.out_dir / 'scan.png')}")
     if args.out_map:
         sizes = {**{k: unit_map.settings[k] for k in ("scu", "ucu", "ru")}, **chosen}
         reclassified = UnitMap.from_scores(safety, utility, **sizes, standardize=unit_map.settings["standardize"],

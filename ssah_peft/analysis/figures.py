@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Union
 from ..unit_map import UNIT_TYPES, Migration, UnitMap
 from .ablation import AblationTable
 from .probe import ProbeResult
+from .scan import ScanResult, beyond_tolerance
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -140,4 +141,55 @@ def plot_ablation(table: AblationTable, path: PathLike) -> Path:
     path = _save(figure, path)
     _write_csv(path, ["ablated", "num_units", "share", *(key for key, _ in ABLATION_METRICS)],
                [[r.name, r.num_units, r.share, *(getattr(r, key) for key, _ in ABLATION_METRICS)] for r in table.rows])
+    return path
+
+
+def plot_scan(scans: Sequence[ScanResult], path: PathLike) -> Path:
+    """Degradation-scan curves: one row per criterion, one panel per metric, from the intact model (fraction 0)
+    to the step that stopped the scan.
+
+    A watched metric gets its tolerance band (baseline ± allowed change) and red marks on the steps beyond it; the
+    metrics a criterion does not watch are drawn grey, because how they move is what the group is for (pruning
+    SCU keeps the NLL but should move the refusal rate). The dashed line is the chosen fraction. The x axis is
+    linear up to the first scanned fraction and logarithmic above, since the default fractions span two decades.
+    """
+    if not scans:
+        raise ValueError("No scan results to plot")
+    names = list(dict.fromkeys(name for scan in scans for name in scan.baseline))
+    figure = _figure(figsize=(3.8 * len(names), 2.9 * len(scans)))
+    rows: list[list[Any]] = []
+    for scan, axes in zip(scans, figure.subplots(len(scans), len(names), squeeze=False)):
+        steps: list[tuple[float, dict[str, float], list[str]]] = [(0.0, scan.baseline, [])]
+        steps += [(f, m, beyond_tolerance(m, scan.baseline, scan.tolerances))
+                  for f, m in zip(scan.fractions, scan.metrics)]
+        for ax, name in zip(axes, names):
+            if name not in scan.baseline:
+                ax.set_visible(False)
+                continue
+            x, y = [f for f, _, _ in steps], [m[name] for _, m, _ in steps]
+            allowed = scan.tolerances.get(name)
+            if allowed is None:
+                ax.plot(x, y, marker="o", markersize=3, color="#7f7f7f")
+            else:
+                base = scan.baseline[name]
+                ax.axhspan(base - allowed, base + allowed, color="#2ca02c", alpha=0.15, label=f"±{allowed:g}")
+                ax.plot(x, y, marker="o", markersize=3, color="#1f77b4")
+                broken = [(f, m[name]) for f, m, beyond in steps if name in beyond]
+                if broken:
+                    ax.scatter(*zip(*broken), color="#d62728", zorder=3, label="beyond tolerance")
+            ax.axvline(scan.chosen_fraction, color="black", linestyle="--", linewidth=1,
+                       label=f"chosen {scan.chosen_fraction:g}")
+            ax.set_xscale("symlog", linthresh=scan.fractions[0])
+            ax.set_xticks(x, [f"{f:g}" for f in x], rotation=90, fontsize="x-small")
+            ax.set_xlim(-0.2 * scan.fractions[0], 1.2 * x[-1])
+            ax.set_xlabel("pruned fraction of all units")
+            ax.set_title(f"{scan.criterion}: {name}" + ("" if allowed is not None else " (not watched)"),
+                         fontsize="medium")
+            ax.legend(fontsize="x-small")
+        rows += [[scan.criterion, f, *(m.get(name, "") for name in names),
+                  *(scan.tolerances.get(name, "") for name in names), ";".join(beyond), f == scan.chosen_fraction]
+                 for f, m, beyond in steps]
+    path = _save(figure, path)
+    _write_csv(path, ["criterion", "fraction", *names, *(f"{name}_tolerance" for name in names), "beyond_tolerance",
+                      "chosen"], rows)
     return path

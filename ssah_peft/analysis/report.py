@@ -4,7 +4,8 @@ Run-directory convention (every file optional; the ``ssah-peft probe|ablate|scan
 
 * ``probe.json``: a :class:`ProbeResult` (``ssah-peft probe --out-dir RUN_DIR``);
 * ``ablation.json``: an :class:`AblationTable` (``ssah-peft ablate --out-dir RUN_DIR``);
-* ``scan_<criterion>.json``: a :class:`ScanResult` per criterion (``ssah-peft scan --out-dir RUN_DIR``);
+* ``scan_<criterion>.json``: a :class:`ScanResult` per criterion (``ssah-peft scan --out-dir RUN_DIR``); all of
+  them share one scan-curve figure;
 * ``unitmap*.safetensors``: unit maps; each gets a unit-types-per-layer figure;
 * ``unitmap_before.safetensors`` and ``unitmap_after.safetensors``: also the migration matrix between them.
 
@@ -20,7 +21,7 @@ from typing import Any, Union
 
 from ..unit_map import UnitMap
 from .ablation import AblationTable
-from .figures import plot_ablation, plot_migration, plot_probe, plot_unit_types
+from .figures import plot_ablation, plot_migration, plot_probe, plot_scan, plot_unit_types
 from .probe import ProbeResult
 from .scan import ScanResult
 
@@ -48,8 +49,11 @@ def build_report(run_dir: Union[str, Path]) -> Path:
         table = AblationTable.load(ablation_file)
         png = plot_ablation(table, figures / "ablation.png")
         sections.append(f"## Unit ablation\n\n{table.markdown()}\n\n" + _image(png, run_dir, "ablation"))
-    for scan_file in sorted(run_dir.glob("scan_*.json")):
-        scan = ScanResult.load(scan_file)
+    scans = [ScanResult.load(scan_file) for scan_file in sorted(run_dir.glob("scan_*.json"))]
+    if scans:
+        png = plot_scan(scans, figures / "scan.png")
+        sections.append("## Degradation scan curves\n\n" + _image(png, run_dir, "degradation scan"))
+    for scan in scans:
         lines = ["| fraction | " + " | ".join(scan.baseline) + " |", "|---:|" + "---:|" * len(scan.baseline),
                  "| 0 (intact) | " + " | ".join(f"{v:.3f}" for v in scan.baseline.values()) + " |"]
         lines += [f"| {f} | " + " | ".join(f"{m[k]:.3f}" for k in scan.baseline) + " |"

@@ -90,6 +90,13 @@ class ScanResult:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def beyond_tolerance(values: Mapping[str, float], baseline: Mapping[str, float],
+                     tolerances: Mapping[str, float]) -> list[str]:
+    """The watched metrics of ``values`` that moved further from ``baseline`` than their tolerance: the stop rule
+    of the scan, shared with the figure so that what it marks as broken is what stopped the scan."""
+    return [name for name, allowed in tolerances.items() if abs(values[name] - baseline[name]) > allowed]
+
+
 def top_units(scores_safety: UnitScores, scores_utility: UnitScores, criterion: str, fraction: float,
               **ranking: Any) -> dict[str, dict[str, list[int]]]:
     """The ``fraction`` of units ranked first by ``criterion`` (module docstring); ``ranking`` passes
@@ -151,7 +158,7 @@ def degradation_scan(
             values = dict(metric_fn(model))
         evaluated.append(fraction)
         metrics.append(values)
-        if any(abs(values[name] - baseline[name]) > allowed for name, allowed in tolerances.items()):
+        if beyond_tolerance(values, baseline, tolerances):
             break
         chosen = fraction
     result = ScanResult(criterion=criterion, baseline=baseline, fractions=evaluated, metrics=metrics,
