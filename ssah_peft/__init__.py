@@ -8,7 +8,15 @@ from . import data, evaluate, models
 from .data import load_builtin
 from .evaluate import run_evaluation
 from .quantization import dense_weight, disable_cpu_4bit_repacking
-from .scoring import UnitScores, build_calibration_batches, score_units
+from .scoring import (
+    UnitScores,
+    UnitStatistics,
+    build_calibration_batches,
+    merge_partial_scores,
+    save_partial_scores,
+    score_units,
+    unit_statistics,
+)
 from .tuner import SSAHConfig, SSAHLayer, SSAHLinear, SSAHModel, merge_and_dequantize
 from .unit_map import UNIT_TYPES, Migration, UnitMap
 from .units import ARCHITECTURES, ArchitectureSpec, BlockSpec, ProjectionPart, resolve_architecture, unit_slices
@@ -30,6 +38,7 @@ __all__ = [
     "Migration",
     "UnitMap",
     "UnitScores",
+    "UnitStatistics",
     "analysis",
     "build_calibration_batches",
     "data",
@@ -38,9 +47,12 @@ __all__ = [
     "evaluate",
     "load_builtin",
     "merge_and_dequantize",
+    "merge_partial_scores",
     "models",
     "resolve_architecture",
     "run_evaluation",
+    "save_partial_scores",
     "score_units",
     "unit_slices",
+    "unit_statistics",
 ]

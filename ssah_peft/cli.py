@@ -4,16 +4,20 @@ Every command is added by a ``register(subparsers)`` function listed in :data:`C
 subparser and sets ``handler`` (``args -> exit status``) as a default. Another module adds a command by writing
 such a function and listing it here.
 
-* ``ssah-peft score``: score a model on safety and utility data and write a unit map.
-* ``ssah-peft units show|compare|migrate``: print a map's summary (and plot), the overlap of two maps, or the
-  migration of unit types between two maps.
+* ``ssah-peft score``: score a model on safety and utility data and write a unit map. Under ``torchrun`` or
+  ``accelerate launch`` the processes share the data and write one map; ``--shard``/``--partial-out`` score one
+  part of the data in an independent job instead.
+* ``ssah-peft units show|compare|migrate|merge-scores``: print a map's summary (and plot), the overlap of two
+  maps, the migration of unit types between two maps, or merge the partial score files of all shards into a map.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,8 +26,11 @@ from .scoring import (
     SCORING_METHODS,
     TOKEN_SELECTIONS,
     UnitScores,
+    UnitStatistics,
     build_calibration_batches,
-    score_units,
+    merge_partial_scores,
+    save_partial_scores,
+    unit_statistics,
 )
 from .analysis import register_ablate, register_probe, register_report, register_scan
 from .demo import register_demo
@@ -92,7 +99,20 @@ def register_score(subparsers: Any) -> None:
     parser.add_argument(
         "--utility-data", required=True, help="JSONL file with prompt/response fields, or a built-in data set name"
     )
-    parser.add_argument("--out", required=True, help="unit map file to write (.safetensors)")
+    output = parser.add_mutually_exclusive_group(required=True)
+    output.add_argument("--out", help="unit map file to write (.safetensors)")
+    output.add_argument(
+        "--partial-out",
+        help="write this shard's raw statistics (.safetensors) instead of a map; merge the files of all shards "
+        "with `ssah-peft units merge-scores`",
+    )
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        default=None,
+        metavar="RANK/WORLD",
+        help="with --partial-out: score only examples RANK, RANK+WORLD, ... of each data set (e.g. 0/4)",
+    )
     parser.add_argument("--method", choices=SCORING_METHODS, default="variance")
     parser.add_argument("--tokens", choices=TOKEN_SELECTIONS, default="response", help="tokens to score")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -107,6 +127,13 @@ def register_score(subparsers: Any) -> None:
         "--plain-chat-template", action="store_true", help="use 'User: ...\\nAssistant: ...' (base models)"
     )
     parser.add_argument("--system-prompt", default=None)
+    _add_classification_arguments(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.set_defaults(handler=_score)
+
+
+def _add_classification_arguments(parser: argparse.ArgumentParser) -> None:
+    """How scores become unit types, for every command that writes a map."""
     parser.add_argument("--scu", type=float, default=0.013, help="fraction of units that are SCU")
     parser.add_argument("--ucu", type=float, default=0.133, help="fraction of units that are UCU")
     parser.add_argument("--ru", type=float, default=0.148, help="fraction of units that are RU")
@@ -114,8 +141,43 @@ def register_score(subparsers: Any) -> None:
     parser.add_argument("--ranking", choices=("global", "per_layer"), default="global")
     parser.add_argument("--composite-fraction", type=float, default=0.0, help="top CU protected with the SCU")
     parser.add_argument("--plot", default=None, help="also write a PNG of unit types per layer")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.set_defaults(handler=_score)
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """``--shard RANK/WORLD`` as ``(rank, world size)``."""
+    try:
+        rank, world_size = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RANK/WORLD such as 0/4, got {text!r}") from None
+    if not 0 <= rank < world_size:
+        raise argparse.ArgumentTypeError(f"RANK must be in 0..WORLD-1, got {text!r}")
+    return rank, world_size
+
+
+@contextmanager
+def _process_group() -> Iterator[tuple[int, int]]:
+    """``(rank, world size)`` of this process among those a launcher started.
+
+    ``torchrun`` and ``accelerate launch`` start every process with ``WORLD_SIZE``, ``RANK`` and a rendezvous
+    address in the environment; the group is joined from them (nccl with CUDA, each process on GPU
+    ``LOCAL_RANK``; gloo on CPU) and left on exit. A group the caller initialized is used and kept.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size()
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield 0, 1
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -124,6 +186,8 @@ def _score(args: argparse.Namespace) -> int:
     from .models import load as load_model
 
     # read everything that can be wrong before loading a large model
+    if args.shard is not None and args.partial_out is None:
+        raise ValueError("--shard scores part of the data: write it with --partial-out, then merge all shards")
     data = {"safety": read_pairs(args.safety_data, args.num_samples)}
     data["utility"] = read_pairs(args.utility_data, args.num_samples)
     if args.chat_template is not None:
@@ -133,41 +197,71 @@ def _score(args: argparse.Namespace) -> int:
         chat_template, template_name = PLAIN_CHAT_TEMPLATE, "plain"
     else:
         chat_template, template_name = None, "tokenizer"
-    device_map = args.device_map
-    if args.load_in_4bit and device_map is None:
-        device_map = "auto" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model(
-        args.model, dtype=getattr(torch, args.dtype), device_map=device_map, load_in_4bit=args.load_in_4bit
-    )
+    with _process_group() as (rank, world_size):
+        if world_size > 1 and args.partial_out is not None:
+            raise ValueError(
+                "--partial-out is for shards scored by independent jobs; under torchrun or accelerate launch the "
+                "processes merge their statistics themselves: use --out"
+            )
+        shard_rank, shard_count = (rank, world_size) if world_size > 1 else (args.shard or (0, 1))
+        device_map = args.device_map
+        if device_map is None and world_size > 1 and torch.cuda.is_available():
+            device_map = f"cuda:{torch.cuda.current_device()}"  # one GPU per process
+        if args.load_in_4bit and device_map is None:
+            device_map = "auto" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_model(
+            args.model, dtype=getattr(torch, args.dtype), device_map=device_map, load_in_4bit=args.load_in_4bit
+        )
 
-    scores: dict[str, UnitScores] = {}
-    for name, pairs in data.items():
-        batches = build_calibration_batches(
-            tokenizer,
-            pairs,
-            tokens=args.tokens,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            chat_template=chat_template,
-            system_prompt=args.system_prompt,
-        )
-        metadata = {
-            "data": args.safety_data if name == "safety" else args.utility_data,
-            "num_examples": len(pairs),
-            "tokens": args.tokens,
-            "max_length": args.max_length,
-            "chat_template": template_name,
-            "system_prompt": args.system_prompt,
-            "model": args.model,
-            "dtype": args.dtype,
-            "load_in_4bit": args.load_in_4bit,
-        }
-        scores[name] = score_units(
-            model, batches, method=args.method, show_progress_bar=not args.no_progress, metadata=metadata
-        )
+        statistics: dict[str, UnitStatistics] = {}
+        for name, pairs in data.items():
+            # whole examples per shard: batching and padding never change the statistics, so the shards' batches
+            # need not line up with those of a single run
+            shard = pairs[shard_rank::shard_count]
+            batches: list[dict[str, torch.Tensor]] = []
+            if shard:  # a shard left without examples contributes nothing to the merge
+                batches = build_calibration_batches(
+                    tokenizer,
+                    shard,
+                    tokens=args.tokens,
+                    batch_size=args.batch_size,
+                    max_length=args.max_length,
+                    chat_template=chat_template,
+                    system_prompt=args.system_prompt,
+                )
+            metadata = {
+                "data": args.safety_data if name == "safety" else args.utility_data,
+                "num_examples": len(pairs),
+                "tokens": args.tokens,
+                "max_length": args.max_length,
+                "chat_template": template_name,
+                "system_prompt": args.system_prompt,
+                "model": args.model,
+                "dtype": args.dtype,
+                "load_in_4bit": args.load_in_4bit,
+            }
+            statistics[name] = unit_statistics(
+                model,
+                batches,
+                method=args.method,
+                show_progress_bar=not args.no_progress and rank == 0,
+                metadata=metadata,
+            )
+    if rank != 0:  # every process holds the merged statistics; one writes
+        return 0
+    if args.partial_out is not None:
+        save_partial_scores(args.partial_out, statistics, rank=shard_rank, world_size=shard_count)
+        print(f"wrote {args.partial_out} (shard {shard_rank}/{shard_count})")
+        return 0
+    if world_size > 1:
+        print(f"merged the statistics of {world_size} processes")
+    return _write_unit_map(args, statistics["safety"].finalize(), statistics["utility"].finalize())
+
+
+def _write_unit_map(args: argparse.Namespace, safety: UnitScores, utility: UnitScores) -> int:
     unit_map = UnitMap.from_scores(
-        scores["safety"],
-        scores["utility"],
+        safety,
+        utility,
         scu=args.scu,
         ucu=args.ucu,
         ru=args.ru,
@@ -203,6 +297,14 @@ def register_units(subparsers: Any) -> None:
     migrate.add_argument("before")
     migrate.add_argument("after")
     migrate.set_defaults(handler=_migrate)
+    merge = commands.add_parser(
+        "merge-scores",
+        help="merge the partial score files of all shards (`score --shard R/W --partial-out`) into a unit map",
+    )
+    merge.add_argument("partials", nargs="+", help="one partial score file per shard, in any order")
+    merge.add_argument("--out", required=True, help="unit map file to write (.safetensors)")
+    _add_classification_arguments(merge)
+    merge.set_defaults(handler=_merge_scores)
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -226,6 +328,16 @@ def _migrate(args: argparse.Namespace) -> int:
     migration = UnitMap.load(args.before).migration(UnitMap.load(args.after))
     print(migration.table())
     return 0
+
+
+def _merge_scores(args: argparse.Namespace) -> int:
+    scores = merge_partial_scores(args.partials)
+    if scores.keys() != {"safety", "utility"}:
+        raise ValueError(
+            f"The partial score files hold the calibration sets {sorted(scores)}; a unit map needs 'safety' and "
+            "'utility' (as `ssah-peft score --partial-out` writes)"
+        )
+    return _write_unit_map(args, scores["safety"], scores["utility"])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,18 +17,24 @@ types. For comparison, the per-weight scores Wei et al. (2024) used are aggregat
 
 The pass is streaming and exact: hooks on the output projections merge per-batch float64 moments (count, mean,
 M2) with Chan et al.'s parallel formula, so any batching, padding side, device placement or number of
-``torch.distributed`` ranks gives the scores of a one-shot computation on the concatenated tokens.
+``torch.distributed`` ranks gives the scores of a one-shot computation on the concatenated tokens. The same
+statistics (:class:`UnitStatistics`) can be saved per shard by independent jobs (:func:`save_partial_scores`) and
+merged later (:func:`merge_partial_scores`), with the same result.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -54,6 +60,10 @@ PLAIN_CHAT_TEMPLATE = (
 
 CalibrationPair = Union[tuple[str, str], Mapping[str, str]]
 Batch = Mapping[str, Any]
+PerBlock = dict[str, tuple[torch.Tensor, ...]]
+
+PARTIAL_FILE_FORMAT = "ssah_peft.PartialScores"
+PARTIAL_FILE_FORMAT_VERSION = "1"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,6 +237,48 @@ class UnitScores:
         }
 
 
+@dataclass(frozen=True)
+class UnitStatistics:
+    """The running statistics of a scoring pass over (a shard of) one calibration set, before they become scores.
+
+    Scores of shards do not combine, these do: the float64 moments (count, mean, M2) merge exactly with Chan et
+    al.'s formula and SNIP's saliency sums add up, so shards scored apart give the scores of one pass over all
+    of them. Come from :func:`unit_statistics`; :meth:`finalize` turns them into :class:`UnitScores`.
+    """
+
+    method: str
+    states: PerBlock
+    """``states[kind][layer]``: the block's float64 state vector: scored tokens, sequences, then per unit the
+    mean and M2 of its input (variance, wanda) or its saliency sum (snip)."""
+    weight_statistics: PerBlock
+    """``weight_statistics[kind][layer]``: the weight factor of the scores, ‖W_{:,j}‖² (variance) or Σ_i |W_ij|
+    (wanda), kept so that scores can be finished without the model; empty for snip, whose sums hold the weights."""
+    fingerprint: dict[str, Any]
+    """The model the statistics come from (:func:`model_fingerprint`)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """Description of the whole calibration set, becomes :attr:`UnitScores.metadata`; the same in every shard."""
+
+    def finalize(self) -> UnitScores:
+        """The scores. ``ValueError`` when no token was scored (no shard had a batch) or the variance has fewer
+        than two tokens."""
+        accumulators = {kind: [_merged(self.method, [s]) for s in states] for kind, states in self.states.items()}
+        first = next(iter(accumulators.values()))[0]
+        if first.num_tokens == 0:
+            raise ValueError("The calibration dataloader yielded no batches: nothing to score")
+        scores = {}
+        for kind, layers in accumulators.items():
+            weights = self.weight_statistics.get(kind, (None,) * len(layers))  # none for snip
+            scores[kind] = tuple(_unit_score(self.method, a, w) for a, w in zip(layers, weights))
+        return UnitScores(
+            scores=scores,
+            method=self.method,
+            num_tokens=first.num_tokens,
+            num_sequences=first.num_sequences,
+            fingerprint=dict(self.fingerprint),
+            metadata=dict(self.metadata),
+        )
+
+
 def prepare_model_inputs_fn_language_modeling(batch: Batch) -> tuple[dict[str, Any], torch.Tensor]:
     """Split a batch into the model's keyword inputs and the ``[batch, seq]`` boolean mask of tokens to score.
 
@@ -285,6 +337,43 @@ def score_units(
         ValueError: no batches, a batch without any token to score, fewer than two scored tokens, non-finite
             activations or loss, or a model whose output projections are wrapped by adapters.
     """
+    return unit_statistics(
+        model,
+        dataloader,
+        method=method,
+        forward_fn=forward_fn,
+        prepare_model_inputs_fn=prepare_model_inputs_fn,
+        architecture=architecture,
+        gather_distributed_inputs=gather_distributed_inputs,
+        show_progress_bar=show_progress_bar,
+        metadata=metadata,
+    ).finalize()
+
+
+def unit_statistics(
+    model: nn.Module,
+    dataloader: Iterable[Batch],
+    *,
+    method: ScoringMethod = "variance",
+    forward_fn: Callable[[nn.Module, dict[str, Any]], Any] = forward_fn_dict,
+    prepare_model_inputs_fn: Callable[[Batch], tuple[dict[str, Any], torch.Tensor]] = (
+        prepare_model_inputs_fn_language_modeling
+    ),
+    architecture: Optional[ArchitectureSpec] = None,
+    gather_distributed_inputs: bool = True,
+    show_progress_bar: bool = True,
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> UnitStatistics:
+    """The pass of :func:`score_units` (same arguments), stopped before the statistics become scores.
+
+    For shards scored by independent jobs without ``torch.distributed``: each job saves its statistics with
+    :func:`save_partial_scores`, and :func:`merge_partial_scores` turns the files into the scores of one pass
+    over all shards. An empty ``dataloader`` gives empty statistics, which merge as nothing; ``metadata``
+    should describe the whole calibration set, as shards that disagree on it are not merged.
+
+    Raises:
+        ValueError: as :func:`score_units`, except that no batches is not an error before :meth:`finalize`.
+    """
     if method not in SCORING_METHODS:
         raise ValueError(f"method must be one of {SCORING_METHODS}, got {method!r}")
     spec = architecture if architecture is not None else resolve_architecture(model.config)
@@ -317,16 +406,167 @@ def score_units(
             module.training = training
     if gather_distributed_inputs and _distributed():
         _merge_across_ranks([p.accumulator for p in projections])
-    scores = _finalize(projections, method)
-    first = projections[0].accumulator
-    return UnitScores(
-        scores=scores,
+    for projection in projections:
+        projection.check_finite()
+    return UnitStatistics(
         method=method,
-        num_tokens=int(first.num_tokens),
-        num_sequences=int(first.num_sequences),
+        states=_per_block((p.kind, p.layer, p.accumulator.state()) for p in projections),
+        weight_statistics=_per_block(
+            (p.kind, p.layer, p.weight_statistic.cpu()) for p in projections if p.weight_statistic is not None
+        ),
         fingerprint=fingerprint,
         metadata=dict(metadata or {}),
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Partial score files: shards scored by independent jobs
+# ----------------------------------------------------------------------------------------------------
+
+
+def save_partial_scores(
+    path: Union[str, Path], statistics: Mapping[str, UnitStatistics], *, rank: int, world_size: int
+) -> None:
+    """Write the statistics of shard ``rank`` of ``world_size`` to one safetensors file.
+
+    Args:
+        path: the file to write.
+        statistics: the shard's :func:`unit_statistics` per calibration set, e.g. ``{"safety": ..., "utility":
+            ...}``; every shard's file must hold the same sets.
+        rank, world_size: which shard this is, so that :func:`merge_partial_scores` can tell a missing or
+            repeated shard from a complete set.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of world size {world_size}")
+    tensors = {}
+    for name, part in statistics.items():
+        if not name or "." in name:
+            raise ValueError(f"calibration set names must be non-empty and without '.', got {name!r}")
+        for group, per_block in (("state", part.states), ("weight", part.weight_statistics)):
+            for kind, layers in per_block.items():
+                for layer, tensor in enumerate(layers):
+                    tensors[f"{name}.{group}.{layer}.{kind}"] = tensor.contiguous()
+    from . import __version__
+
+    save_file(
+        tensors,
+        str(path),
+        metadata={
+            "format": PARTIAL_FILE_FORMAT,
+            "format_version": PARTIAL_FILE_FORMAT_VERSION,
+            "ssah_peft_version": __version__,
+            "rank": str(rank),
+            "world_size": str(world_size),
+            "sets": json.dumps({name: _description(part) for name, part in statistics.items()}),
+        },
+    )
+
+
+def merge_partial_scores(paths: Sequence[Union[str, Path]]) -> dict[str, UnitScores]:
+    """The scores of one pass over all shards, from the files :func:`save_partial_scores` wrote for them.
+
+    The shards' statistics are merged exactly in rank order, so the scores equal those of a single run over all
+    the calibration data (to float64 rounding).
+
+    Returns:
+        :class:`UnitScores` per calibration set.
+
+    Raises:
+        ValueError: no files; a file that is not a partial score file; files from different world sizes; a rank
+            missing or given twice; files that disagree on their calibration sets, or within a set on the
+            method, the model (fingerprint or weights) or the metadata describing the data and settings.
+    """
+    if not paths:
+        raise ValueError("No partial score files were given")
+    parts = sorted((_load_partial(path) for path in paths), key=lambda part: part[1])
+    world_sizes = {world_size for _, _, world_size, _ in parts}
+    if len(world_sizes) > 1:
+        found = ", ".join(f"{path}: rank {rank} of {world_size}" for path, rank, world_size, _ in parts)
+        raise ValueError(f"The partial score files come from different world sizes: {found}")
+    world_size = world_sizes.pop()
+    for (first, rank, _, _), (second, next_rank, _, _) in zip(parts, parts[1:]):
+        if rank == next_rank:
+            raise ValueError(f"Rank {rank} of {world_size} is given twice: {first} and {second}")
+    missing = sorted(set(range(world_size)) - {rank for _, rank, _, _ in parts})
+    if missing:
+        raise ValueError(
+            f"Rank(s) {missing} of {world_size} are missing; the scores need every shard (given: "
+            + ", ".join(f"{path}: rank {rank}" for path, rank, _, _ in parts)
+            + ")"
+        )
+    reference_path, _, _, reference = parts[0]
+    for path, _, _, sets in parts[1:]:
+        if sets.keys() != reference.keys():
+            raise ValueError(
+                f"{reference_path} holds the calibration sets {sorted(reference)} but {path} holds {sorted(sets)}"
+            )
+        for name, part in sets.items():
+            _check_same_pass(name, (reference_path, reference[name]), (path, part))
+    merged = {}
+    for name, first in reference.items():
+        shards = [sets[name] for _, _, _, sets in parts]
+        states = {
+            kind: tuple(_merged(first.method, per_rank).state() for per_rank in zip(*(s.states[kind] for s in shards)))
+            for kind in first.states
+        }
+        merged[name] = replace(first, states=states).finalize()
+    return merged
+
+
+def _load_partial(path: Union[str, Path]) -> tuple[str, int, int, dict[str, UnitStatistics]]:
+    """``(path, rank, world size, statistics per calibration set)`` of a file :func:`save_partial_scores` wrote."""
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if header.get("format") != PARTIAL_FILE_FORMAT:
+            raise ValueError(f"{path} is not an ssah-peft partial score file (format: {header.get('format')!r})")
+        if header.get("format_version") != PARTIAL_FILE_FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has partial score format version {header.get('format_version')!r}; this ssah-peft reads "
+                f"version {PARTIAL_FILE_FORMAT_VERSION}"
+            )
+        entries: dict[tuple[str, str], list[tuple[str, int, torch.Tensor]]] = {}
+        for key in f.keys():
+            name, group, layer, kind = key.split(".")
+            entries.setdefault((name, group), []).append((kind, int(layer), f.get_tensor(key)))
+    statistics = {
+        name: UnitStatistics(
+            states=_per_block(entries.get((name, "state"), [])),
+            weight_statistics=_per_block(entries.get((name, "weight"), [])),
+            **description,
+        )
+        for name, description in json.loads(header["sets"]).items()
+    }
+    return str(path), int(header["rank"]), int(header["world_size"]), statistics
+
+
+def _description(statistics: UnitStatistics) -> dict[str, Any]:
+    """What a partial score file keeps of a set besides its tensors (JSON)."""
+    return {"method": statistics.method, "fingerprint": statistics.fingerprint, "metadata": statistics.metadata}
+
+
+def _check_same_pass(name: str, a: tuple[str, UnitStatistics], b: tuple[str, UnitStatistics]) -> None:
+    """Shards of one calibration set must come from one model, method and data description."""
+    (path_a, first), (path_b, second) = a, b
+    for what, value_a, value_b in (
+        ("methods", first.method, second.method),
+        ("models (fingerprints)", first.fingerprint, second.fingerprint),
+        ("data or settings (metadata)", first.metadata, second.metadata),
+    ):
+        if value_a != value_b:
+            raise ValueError(
+                f"The partial scores of {name!r} come from different {what}: {path_a}: {value_a!r}, "
+                f"{path_b}: {value_b!r}"
+            )
+    same_weights = all(
+        torch.allclose(x, y, rtol=1e-9, atol=0)
+        for kind, layers in first.weight_statistics.items()
+        for x, y in zip(layers, second.weight_statistics[kind])
+    )
+    if not same_weights:
+        raise ValueError(
+            f"The partial scores of {name!r} come from different models: the output projection weights of "
+            f"{path_a} and {path_b} differ (same architecture, other checkpoint?)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -490,6 +730,7 @@ class _OutputProjection:
             )
         self.width = int(weight.shape[1])
         self.accumulator: Accumulator = _Saliency(self.width) if method == "snip" else _Moments(self.width)
+        self.weight_statistic: Optional[torch.Tensor] = None  # snip: the weights enter the saliency sums
         if method == "variance":
             self.weight_statistic = weight.double().square().sum(dim=0)  # ‖W_{:,j}‖²
         elif method == "wanda":
@@ -507,14 +748,44 @@ class _OutputProjection:
             self._handle.remove()
             self._handle = None
 
-    def score(self) -> torch.Tensor:
-        if isinstance(self.accumulator, _Saliency):
-            return self.accumulator.mean().cpu()
-        if self.method == "variance":
-            activation = self.accumulator.unbiased_variance()
-        else:
-            activation = self.accumulator.root_mean_square()
-        return activation.cpu() * self.weight_statistic.cpu()
+    def check_finite(self) -> None:
+        """Raise if NaN/inf reached the statistics, naming the projection: its scores would be meaningless."""
+        values = [self.accumulator.state()]
+        if self.weight_statistic is not None:
+            values.append(self.weight_statistic)
+        if not all(torch.isfinite(v).all() for v in values):
+            raise ValueError(
+                f"Non-finite (NaN/inf) {'gradients' if self.method == 'snip' else 'activations'} at the input of "
+                f"{self.name}: the model produces NaN/inf on the calibration data (fp16 overflow? corrupted "
+                "weights?)"
+            )
+
+
+def _unit_score(method: str, accumulator: Accumulator, weight_statistic: Optional[torch.Tensor]) -> torch.Tensor:
+    """One block's scores from its merged statistics (module docstring)."""
+    if isinstance(accumulator, _Saliency):
+        return accumulator.mean()
+    if weight_statistic is None:
+        raise ValueError(f"{method} scores need the weight statistics of the output projections; none were given")
+    activation = accumulator.unbiased_variance() if method == "variance" else accumulator.root_mean_square()
+    return activation * weight_statistic
+
+
+def _merged(method: str, states: Sequence[torch.Tensor]) -> Accumulator:
+    """A CPU accumulator of ``method``'s kind holding the exact merge of ``states`` (:meth:`state` vectors)."""
+    size = states[0].numel() - 2  # two counts, then one (saliency) or two (mean, M2) entries per unit
+    accumulator: Accumulator = _Saliency(size) if method == "snip" else _Moments(size // 2)
+    accumulator.load_states(states)
+    return accumulator
+
+
+def _per_block(entries: Iterable[tuple[str, int, torch.Tensor]]) -> PerBlock:
+    """``{kind: (layer 0, layer 1, ...)}`` from ``(kind, layer, tensor)`` entries in any order; kinds sorted, so
+    statistics from a pass and from a file list them alike."""
+    by_kind: dict[str, dict[int, torch.Tensor]] = {}
+    for kind, layer, tensor in entries:
+        by_kind.setdefault(kind, {})[layer] = tensor
+    return {kind: tuple(by_kind[kind][i] for i in sorted(by_kind[kind])) for kind in sorted(by_kind)}
 
 
 def _moment_hook(moments: _Moments, tokens: _BatchTokens, name: str) -> Callable[..., None]:
@@ -618,19 +889,3 @@ def _merge_across_ranks(accumulators: Sequence[Accumulator]) -> None:
     per_rank = [torch.split(g.cpu(), sizes) for g in gathered]
     for i, accumulator in enumerate(accumulators):
         accumulator.load_states([states[i] for states in per_rank])
-
-
-def _finalize(projections: Sequence[_OutputProjection], method: str) -> dict[str, tuple[torch.Tensor, ...]]:
-    per_kind: dict[str, dict[int, torch.Tensor]] = {}
-    for projection in projections:
-        if projection.accumulator.num_tokens == 0:
-            raise ValueError("The calibration dataloader yielded no batches: nothing to score")
-        score = projection.score()
-        if not torch.isfinite(score).all():
-            raise ValueError(
-                f"Non-finite (NaN/inf) {'gradients' if method == 'snip' else 'activations'} at the input of "
-                f"{projection.name}: the model produces NaN/inf on the calibration data (fp16 overflow? corrupted "
-                "weights?)"
-            )
-        per_kind.setdefault(projection.kind, {})[projection.layer] = score
-    return {kind: tuple(layers[i] for i in sorted(layers)) for kind, layers in per_kind.items()}

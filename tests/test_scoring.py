@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +20,21 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
 
-from ssah_peft import UnitMap, build_calibration_batches, resolve_architecture, score_units
+from safetensors.torch import save_file
+
+from ssah_peft import (
+    UnitMap,
+    build_calibration_batches,
+    merge_partial_scores,
+    resolve_architecture,
+    save_partial_scores,
+    score_units,
+    unit_statistics,
+)
 from ssah_peft.cli import main, read_pairs
 from ssah_peft.scoring import PLAIN_CHAT_TEMPLATE
 
+ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["<pad>", "<bos>", "<eos>", "<user>", "<assistant>", "User:", "Assistant:"] + [f"w{i}" for i in range(40)]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %} <user> {{ m['content'] }}"
@@ -361,11 +375,15 @@ def score_shard(rank: int, world_size: int, port: int, model, batches, folder: P
         torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path, llama, tokenizer, pairs):
-    batches = build_calibration_batches(tokenizer, pairs, batch_size=2, padding_side="left")
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_two_gloo_processes_equal_one_process(tmp_path, llama, tokenizer, pairs):
+    batches = build_calibration_batches(tokenizer, pairs, batch_size=2, padding_side="left")
+    port = free_port()
     context = multiprocessing.get_context("fork")  # children inherit the imported modules and the model
     ranks = [context.Process(target=score_shard, args=(r, 2, port, llama, batches, tmp_path)) for r in range(2)]
     for process in ranks:
@@ -506,3 +524,121 @@ def test_cli_reads_built_in_calibration_sets_by_name():
     ]
     with pytest.raises(ValueError, match=r"harmful_eval\[0\]: expected a JSON object with 'prompt' and 'response'"):
         read_pairs("harmful_eval")  # prompts without responses
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scaling out: processes under a launcher, shards scored by independent jobs
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_partial_scores_merge_exactly_with_an_empty_shard(tmp_path, llama, tokenizer, pairs):
+    batches = build_calibration_batches(tokenizer, pairs, batch_size=3, padding_side="left")
+    shards = [batches[0::2], batches[1::2], []]  # three jobs, the last without any batch
+    options = dict(show_progress_bar=False, metadata={"data": "words"})
+    for method in ("variance", "wanda", "snip"):
+        single = score_units(llama, batches, method=method, **options)
+        paths = [tmp_path / f"{method}-{rank}.safetensors" for rank in range(3)]
+        for rank, (path, shard) in enumerate(zip(paths, shards)):
+            statistics = unit_statistics(llama, shard, method=method, **options)
+            save_partial_scores(path, {"safety": statistics}, rank=rank, world_size=3)
+        merged = merge_partial_scores(paths[::-1])["safety"]  # any file order
+        assert merged.calibration_info() == single.calibration_info() and merged.fingerprint == single.fingerprint
+        expected = {(layer, kind): single[layer, kind] for kind in single.kinds for layer in range(single.num_layers)}
+        assert_scores_close(merged, expected, rtol=1e-9)
+
+
+def test_merging_partial_scores_names_what_does_not_fit(tmp_path, llama, tokenizer, pairs):
+    batches = build_calibration_batches(tokenizer, pairs[:4], batch_size=2)
+
+    def part(
+        name, rank=1, world_size=2, model=llama, method="variance", data="words", batches=batches, set_name="safety"
+    ):
+        """A partial score file; by default rank 1 of 2, consistent with rank0."""
+        statistics = unit_statistics(model, batches, method=method, show_progress_bar=False, metadata={"data": data})
+        save_partial_scores(tmp_path / name, {set_name: statistics}, rank=rank, world_size=world_size)
+        return tmp_path / name
+
+    rank0, rank1 = part("rank0", rank=0), part("rank1")
+    cases = {
+        "different world sizes: .*rank0: rank 0 of 2, .*of3: rank 1 of 3": [rank0, part("of3", world_size=3)],
+        r"Rank\(s\) \[1\] of 2 are missing": [rank0],
+        "Rank 0 of 2 is given twice: .*rank0 and .*rank0": [rank0, rank1, rank0],
+        "different methods: .*'variance', .*'wanda'": [rank0, part("wanda", method="wanda")],
+        r"different models \(fingerprints\)": [rank0, part("gpt2", model=tiny_model("gpt2"))],
+        "output projection weights of .*rank0 and .*reseeded differ": [
+            rank0, part("reseeded", model=tiny_model("llama", seed=1))
+        ],
+        r"different data or settings \(metadata\)": [rank0, part("other", data="other words")],
+        r"rank0 holds the calibration sets \['safety'\] but .*utility holds \['utility'\]": [
+            rank0, part("utility", set_name="utility")
+        ],
+        "yielded no batches": [part("empty0", rank=0, batches=[]), part("empty1", batches=[])],
+    }
+    for message, paths in cases.items():
+        with pytest.raises(ValueError, match=message):
+            merge_partial_scores(paths)
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not an ssah-peft partial score file"):
+        merge_partial_scores([rank0, tmp_path / "other.safetensors"])
+    with pytest.raises(ValueError, match="rank must be in 0..world_size-1"):
+        part("bad", rank=2)
+
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory) -> tuple[list[str], UnitMap]:
+    """A saved model and tokenizer, uneven safety and utility files, and the map of a single-process `score`."""
+    folder = tmp_path_factory.mktemp("scaling")
+    model_dir = folder / "model"
+    tiny_model("llama", dtype=torch.float32).save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    safety = write_jsonl(folder / "safety.jsonl", random_pairs(7, seed=4))
+    utility = write_jsonl(folder / "utility.jsonl", random_pairs(6, seed=5))
+    command = ["score", "--model", str(model_dir), "--safety-data", str(safety), "--utility-data", str(utility)]
+    command += ["--batch-size", "2", "--max-length", "32", "--no-progress"]
+    assert main([*command, "--out", str(folder / "single.safetensors")]) == 0
+    return command, UnitMap.load(folder / "single.safetensors")
+
+
+def assert_same_map(got: UnitMap, single: UnitMap) -> None:
+    """The single-process map, up to float rounding of the scores (statistics are merged in another order)."""
+    assert got.fingerprint == single.fingerprint and got.settings == single.settings
+    assert got.calibration == single.calibration  # token and sequence counts, data description
+    for kind in single.kinds:
+        assert all(torch.equal(a, b) for a, b in zip(got.types[kind], single.types[kind], strict=True))
+        scores = got.safety_scores[kind] + got.utility_scores[kind]
+        torch.testing.assert_close(scores, single.safety_scores[kind] + single.utility_scores[kind], rtol=1e-6, atol=0)
+
+
+def test_accelerate_launch_of_two_processes_writes_the_single_process_map(tmp_path, cli_setup):
+    command, single = cli_setup
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    accelerate += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    accelerate += ["--main_process_port", str(free_port())]
+    out = tmp_path / "launched.safetensors"
+    # gloo on CPU even where there are GPUs; another batch size than the single run, as batching must not matter
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "CUDA_VISIBLE_DEVICES": ""}
+    launched = [*accelerate, "-m", "ssah_peft.cli", *command, "--batch-size", "3", "--out", str(out)]
+    done = subprocess.run(launched, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "merged the statistics of 2 processes" in done.stdout
+    assert done.stdout.count(f"wrote {out}") == 1  # one process writes
+    assert_same_map(UnitMap.load(out), single)
+
+
+def test_cli_shards_as_independent_jobs_merge_into_the_single_process_map(tmp_path, cli_setup, capsys):
+    command, single = cli_setup
+    parts = [tmp_path / f"part{rank}.safetensors" for rank in range(2)]
+    for rank, part in enumerate(parts):
+        assert main([*command, "--batch-size", "3", "--shard", f"{rank}/2", "--partial-out", str(part)]) == 0
+    assert f"wrote {parts[1]} (shard 1/2)" in capsys.readouterr().out
+    merged = tmp_path / "merged.safetensors"
+    assert main(["units", "merge-scores", str(parts[1]), str(parts[0]), "--out", str(merged)]) == 0
+    assert_same_map(UnitMap.load(merged), single)
+
+    with pytest.raises(ValueError, match=r"Rank\(s\) \[1\] of 2 are missing"):
+        main(["units", "merge-scores", str(parts[0]), "--out", str(merged)])
+    with pytest.raises(ValueError, match="--shard scores part of the data: write it with --partial-out"):
+        main([*command, "--shard", "0/2", "--out", str(merged)])
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(SystemExit):
+            main([*command, "--shard", bad, "--partial-out", str(tmp_path / "bad.safetensors")])
