@@ -24,7 +24,7 @@ demo-venv: torch
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The whole SSAH experiment on the embedded model (48 min measured on 2 shared cores; resumes from runs/demo).
+# The whole SSAH experiment on the embedded model (resumes from runs/demo).
 demo: demo-venv
 	$(PY) -m ssah_peft.demo --run-dir runs/demo
 

@@ -12,7 +12,8 @@ which is effectively unaligned (keyword ASR about 0.9), so it must be aligned be
    and probe whether harmful queries lean to refusal or compliance in the base and the aligned model.
 4. **attack** (the paper's freezing experiment): fine-tune the aligned model on a benign task and on an
    identity-shifting set (Qi et al. 2023) with full fine-tuning, LoRA, and SSAH protect mode (SCU + top CU
-   frozen; SCU + all CU frozen), the protect runs with ``protect_epoch_factor`` times the steps as in the paper.
+   frozen; SCU + all CU frozen), the protect runs with ``protect_epoch_factor`` times the steps (the paper
+   doubles them; the default is 1, see the field).
 5. **report**: ``report.md`` with one table of every run, the figures and the command line.
 
 Every stage writes its results into the run directory (``result.json`` per run, unit maps, adapters, the merged
@@ -88,11 +89,18 @@ class DemoConfig:
     batch_size: int = 4
     align_steps: int = 48
     attack_steps: int = 24
-    protect_epoch_factor: int = 2
-    """Protect-mode attack runs train this many times ``attack_steps`` (the paper doubles their epochs)."""
-    learning_rates: dict[str, float] = field(
-        default_factory=lambda: {"full": 5e-5, "lora": 1e-3, "ssah_select": 2e-4, "ssah_protect": 1e-3}
+    protect_epoch_factor: int = 1
+    """Protect-mode attack runs train this many times ``attack_steps``. The paper doubles their epochs; here
+    protect trains as many parameters as LoRA, and at twice the steps it only traded its lower ASR for task
+    accuracy along LoRA's curve (``benchmarks/demo_sweep.py``), so the default compares at equal steps."""
+    align_learning_rates: dict[str, float] = field(
+        default_factory=lambda: {"full": 5e-5, "lora": 1e-3, "ssah_select": 6e-4}
     )
+    attack_learning_rates: dict[str, float] = field(
+        default_factory=lambda: {"full": 1e-5, "lora": 3e-4, "ssah_protect": 3e-4}
+    )
+    """A moderate attack: at 1e-3 (LoRA) every method, protect included, lost all refusals (ASR 1.0), which hides
+    any difference; ``benchmarks/demo_sweep.py`` measured the choices (README, "The demo")."""
     lora_r: int = 8
     # units
     redundant_fraction: float = 0.2
@@ -109,8 +117,9 @@ class DemoConfig:
     overrefusal_prompts: int = 18
     task_prompts: int = 36
     perplexity_texts: int = 36
+    probe_prompts: int = 16
     max_new_tokens: int = 40
-    generation_batch_size: int = 18
+    generation_batch_size: int = 36
     show_progress: bool = True
 
     @classmethod
@@ -124,7 +133,7 @@ class DemoConfig:
         sizes = dict(
             calibration_pairs=32, align_safety_examples=16, align_utility_examples=16, attack_task_examples=16,
             max_length=128, align_steps=4, attack_steps=2, harmful_prompts=8, overrefusal_prompts=4,
-            task_prompts=8, perplexity_texts=8, max_new_tokens=16, generation_batch_size=8,
+            task_prompts=8, perplexity_texts=8, probe_prompts=4, max_new_tokens=16, generation_batch_size=8,
         )
         return cls(run_dir=Path(run_dir), **{**sizes, **overrides})
 
@@ -272,11 +281,13 @@ def finetune(
     records: Sequence[Mapping[str, Any]],
     method: str,
     steps: int,
+    learning_rate: float,
     config: DemoConfig,
     out_dir: Path,
     units: Optional[UnitsDict] = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train ``model`` with ``method`` for ``steps`` steps (transformers ``Trainer``); save a peft adapter.
+    """Train ``model`` with ``method`` for ``steps`` steps at a constant ``learning_rate`` (transformers
+    ``Trainer``); save a peft adapter.
 
     Returns the trained model and its costs: trainable parameters, bytes to store the result (the adapter file,
     or the trainable weights for full fine-tuning) and training wall time.
@@ -285,7 +296,6 @@ def finetune(
     if peft_config is not None:
         model = get_peft_model(model, peft_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    learning_rate = config.learning_rates["ssah_protect" if method.startswith("ssah_protect") else method]
     args = TrainingArguments(
         output_dir=str(out_dir / "trainer"), max_steps=steps, per_device_train_batch_size=config.batch_size,
         learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=0.0, seed=config.seed,
@@ -400,7 +410,8 @@ def stage_align(config: DemoConfig, load_base: ModelLoader) -> dict[str, dict[st
             _log(f"stage 2/5: aligning with {method} ({config.align_steps} steps)")
             model, tokenizer = load_base()
             units = unit_map.config_units("select") if method == "ssah_select" else None
-            model, info = finetune(model, tokenizer, records, method, config.align_steps, config, run_dir, units)
+            model, info = finetune(model, tokenizer, records, method, config.align_steps,
+                                   config.align_learning_rates[method], config, run_dir, units)
             if method == config.aligned_method:
                 model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
                 model.save_pretrained(stage_dir / "aligned_model")
@@ -469,7 +480,7 @@ def stage_units(config: DemoConfig, load_base: ModelLoader) -> UnitsStage:
         def probe(name: str = name, loader: ModelLoader = loader) -> ProbeResult:
             _log(f"stage 3/5: probing the refusal direction of the {name} model")
             model, tokenizer = loader()
-            prompts = [r["prompt"] for r in spread(load_builtin("harmful_eval"), config.harmful_prompts)]
+            prompts = [r["prompt"] for r in spread(load_builtin("harmful_eval"), config.probe_prompts)]
             result = probe_reasoning_direction(model, tokenizer, prompts, show_progress=config.show_progress)
             plot_probe(result, stage_dir / f"probe_{name}.png")
             return result
@@ -501,8 +512,9 @@ def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, A
                 _log(f"stage 4/5: attack on {data} with {method} ({steps} steps)")
                 model, tokenizer = load_aligned(config)
                 units = protect_units(unit_map, method) if protect else None
-                model, info = finetune(model, tokenizer, attack_records(data, config), method, steps, config,
-                                       run_dir, units)
+                learning_rate = config.attack_learning_rates["ssah_protect" if protect else method]
+                model, info = finetune(model, tokenizer, attack_records(data, config), method, steps, learning_rate,
+                                       config, run_dir, units)
                 return {"data": data, **info, **evaluate_model(model, tokenizer, config)}
 
             results[f"{data}/{method}"] = cached_result(run_dir / "result.json", compute)

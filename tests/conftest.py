@@ -87,3 +87,21 @@ def tiny_tokenizer():
     )
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def assert_update_confined(model: torch.nn.Module, mode: str, adapter: str = "default") -> None:
+    """In every SSAH layer of ``model``, the effective update is exactly zero outside the slices ``mode`` may change.
+
+    protect: zero on the protected slices (the layer's index); select: zero everywhere but the selected ones.
+    """
+    from ssah_peft import SSAHLayer
+
+    layers = [module for module in model.modules() if isinstance(module, SSAHLayer)]
+    assert layers
+    for layer in layers:
+        delta = layer.get_delta_weight(adapter)
+        dim = 0 if layer.ssah_axis[adapter] == "out" else 1
+        in_slices = torch.zeros(delta.shape[dim], dtype=torch.bool)
+        in_slices[layer.ssah_index[adapter].long()] = True
+        frozen = in_slices if mode == "protect" else ~in_slices
+        assert not delta.index_select(dim, frozen.nonzero().flatten()).any()

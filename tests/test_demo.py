@@ -26,8 +26,8 @@ def tiny_loader(calls: list):
 def demo_run(tmp_path_factory):
     config = DemoConfig.quick(
         tmp_path_factory.mktemp("demo"), calibration_pairs=4, align_safety_examples=4, align_utility_examples=4,
-        attack_task_examples=4, max_length=320, batch_size=2, align_steps=2, attack_steps=1, harmful_prompts=3,
-        overrefusal_prompts=2, task_prompts=2, perplexity_texts=2, max_new_tokens=4, show_progress=False,
+        attack_task_examples=4, max_length=320, batch_size=2, align_steps=2, attack_steps=1, protect_epoch_factor=2,
+        harmful_prompts=3, overrefusal_prompts=2, task_prompts=2, perplexity_texts=2, max_new_tokens=4, show_progress=False,
     )
     calls: list = []
     report = run_demo(config, load_base=tiny_loader(calls), command="pytest demo")

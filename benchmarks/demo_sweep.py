@@ -1,0 +1,118 @@
+"""Sweep the demo's alignment and attack settings: the search behind the defaults of ``ssah_peft.demo``.
+
+The paper's effects need a moderately strong attack on a well-aligned model; at 135M parameters neither is
+given, so the demo's learning rates, steps and aligned base were chosen with this script. Every run is one
+``finetune`` + ``evaluate_model`` of the demo, cached under ``--out`` like the demo's own stages::
+
+    # alignment: which learning rate makes RU-only alignment as safe as full fine-tuning
+    python benchmarks/demo_sweep.py align --out runs/sweep ssah_select:2e-4 ssah_select:1e-3 full:5e-5
+    # attacks on an aligned model (a merged model dir; its unit map is scored once and cached next to the runs)
+    python benchmarks/demo_sweep.py attack --out runs/sweep --base runs/demo/align/aligned_model \\
+        --data task full:1e-5 lora:2e-4 ssah_protect_top_cu:2e-4
+
+A run is ``METHOD:LR`` with an optional ``:STEPS``; ``--save-merged`` keeps an alignment run's merged model as a
+base for attack sweeps. The table printed at the end is the demo report's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ssah_peft.demo import (
+    TABLE_HEADER,
+    DemoConfig,
+    alignment_records,
+    attack_records,
+    cached_artifact,
+    cached_result,
+    evaluate_model,
+    finetune,
+    protect_units,
+    table_row,
+    unit_map_of,
+)
+from ssah_peft.models import load
+from ssah_peft.unit_map import UnitMap
+
+
+def parse_run(spec: str, default_steps: int) -> tuple[str, float, int]:
+    parts = spec.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"a run is METHOD:LR[:STEPS], got {spec!r}")
+    return parts[0], float(parts[1]), int(parts[2]) if len(parts) == 3 else default_steps
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("align", "attack"))
+    parser.add_argument("runs", nargs="+", help="METHOD:LR[:STEPS]")
+    parser.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    parser.add_argument("--base", type=Path, help="attack: the merged aligned model to attack")
+    parser.add_argument("--data", default="task", help="attack: task or identity_shift")
+    parser.add_argument("--save-merged", action="store_true", help="align: keep the merged model of each run")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = DemoConfig.full(run_dir=args.out)
+    default_steps = config.align_steps if args.stage == "align" else config.attack_steps
+
+    if args.stage == "align":
+        def load_model():
+            return load(config.model, dtype=torch.float32)
+
+        unit_map = cached_artifact(
+            args.out / "align" / "unitmap_base.safetensors",
+            lambda: unit_map_of(*load_model(), config, scu=0.0, ucu=0.0, ru=config.redundant_fraction), UnitMap.load,
+        )
+        records, stage_dir = alignment_records(config), args.out / "align"
+    else:
+        if args.base is None:
+            parser.error("attack needs --base")
+
+        def load_model():
+            return AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32), AutoTokenizer.from_pretrained(
+                args.base)
+
+        stage_dir = args.out / "attack" / args.base.name
+        unit_map = cached_artifact(
+            stage_dir / "unitmap.safetensors",
+            lambda: unit_map_of(*load_model(), config, scu=config.scu_fraction, ucu=config.ucu_fraction,
+                                ru=config.ru_fraction), UnitMap.load,
+        )
+        records, stage_dir = attack_records(args.data, config), stage_dir / args.data
+
+    rows = []
+    for spec in args.runs:
+        method, lr, steps = parse_run(spec, default_steps)
+        run_dir = stage_dir / f"{method}-lr{lr:g}-s{steps}"
+
+        def compute(method=method, lr=lr, steps=steps, run_dir=run_dir):
+            print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
+            model, tokenizer = load_model()
+            if method == "ssah_select":
+                units = unit_map.config_units("select")
+            elif method.startswith("ssah_protect"):
+                units = protect_units(unit_map, method)
+            else:
+                units = None
+            model, info = finetune(model, tokenizer, records, method, steps, lr, config, run_dir, units)
+            if args.save_merged:
+                merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+                merged.save_pretrained(run_dir / "merged")
+                tokenizer.save_pretrained(run_dir / "merged")
+            return {**info, **evaluate_model(model, tokenizer, config)}
+
+        result = cached_result(run_dir / "result.json", compute)
+        rows.append(table_row(args.stage, f"{args.data if args.stage == 'attack' else 'align'} lr={lr:g}", result))
+    print("\n".join([*TABLE_HEADER, *rows]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
