@@ -281,6 +281,36 @@ def report(setup: Setup, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(setup: Setup, rows: list[dict[str, Any]], path: Path) -> Path:
+    """Bars of each method's step time and peak memory over LoRA r=16's (1.0 dashed), the targets' scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lora = next(row for row in rows if row["method"] == "lora r=16")
+    metrics = [("step_s_median", "step time / LoRA r=16")]
+    if "peak_memory_bytes" in lora:
+        metrics.append(("peak_memory_bytes", "peak memory / LoRA r=16"))
+    figure, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 0.35 * len(rows) + 1.5), squeeze=False)
+    names = [row["method"] for row in rows]
+    for ax, (key, label) in zip(axes[0], metrics):
+        ratios = [row[key] / lora[key] for row in rows]
+        colors = ["#1f77b4" if name.startswith("ssah") else "#7f7f7f" for name in names]
+        ax.barh(names, ratios, color=colors)
+        ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+        for y, ratio in enumerate(ratios):
+            ax.text(ratio, y, f" {ratio:.2f}", va="center", fontsize="small")
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+    figure.suptitle(f"{setup.size} {str(setup.dtype).removeprefix('torch.')} {setup.quant} {setup.device}, "
+                    f"batch {setup.batch}x{setup.seq}", fontsize="medium")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -292,6 +322,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the ratios to LoRA r=16 here")
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,6 +340,8 @@ def main() -> None:
     print(table)
     if args.out:
         args.out.write_text(json.dumps({"setup": str(setup), "rows": rows, "table": table}, indent=2))
+    if args.plot:
+        print(f"wrote {plot(setup, rows, args.plot)}")
 
 
 if __name__ == "__main__":
