@@ -15,11 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import assert_update_confined, tiny_model
 from peft import PeftModel
 from safetensors.torch import load_file
-
-from ssah_peft import SSAHLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_ddp.py"
@@ -96,15 +94,7 @@ def test_two_process_ddp_equals_one_process(tmp_path: Path, mode: str, load_in_4
 
     # the adapter's effective update is exactly zero outside the slices its mode may change, in every layer
     adapted = PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "ddp" / "adapter")
-    layers = [module for module in adapted.modules() if isinstance(module, SSAHLayer)]
-    assert layers
-    for layer in layers:
-        delta = layer.get_delta_weight("default")
-        dim = 0 if layer.ssah_axis["default"] == "out" else 1
-        in_slices = torch.zeros(delta.shape[dim], dtype=torch.bool)
-        in_slices[layer.ssah_index["default"].long()] = True
-        frozen = in_slices if mode == "protect" else ~in_slices
-        assert not delta.index_select(dim, frozen.nonzero().flatten()).any()
+    assert_update_confined(adapted, mode)
 
     base = tiny_model("llama")
     merged = adapted.merge_and_unload()
