@@ -1,6 +1,7 @@
 """Cost of a unit-scoring pass against a plain no-grad forward over the same batches.
 
     python benchmarks/scoring.py --hidden 512 --layers 4
+    torchrun --nproc_per_node 2 benchmarks/scoring.py --threads 1     # 2 processes (gloo on CPU)
 
 A random Llama scores random calibration batches (the real tokens after the first quarter of a row are scored).
 Each repeat times, in alternating order, one plain ``model(**inputs)`` pass under ``torch.no_grad()`` over all
@@ -9,18 +10,28 @@ Ratios are taken per repeat against the plain forward of the same repeat and bet
 and CPU time (the latter is robust on a shared machine; run with ``--threads 1`` there). The target for
 ``variance`` is ≤ 1.10. SNIP needs a backward pass, so a plain forward + backward to the input embeddings is timed
 too.
+
+Under ``torchrun`` every process takes its share of the batches (``--batches`` in all), the scorer merges the
+statistics of all processes, and every timed run starts and ends at a barrier, so the times are those of the
+slowest process and include the merge. Tokens/s count the real tokens of all processes. Peak memory is the
+resident set above the start of each run, measured once per run after the timings, in the table's order (the
+allocator reuses what earlier runs freed, so it understates later runs; the scorer's own state is 3 float64
+vectors per output projection).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
 from ssah_peft import score_units
 
 
@@ -67,6 +78,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if args.batches < world:
+        parser.error(f"--batches {args.batches} cannot be shared by {world} processes")
 
     config = AutoConfig.for_model(
         "llama",
@@ -79,7 +95,8 @@ def main() -> None:
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype)).eval()
-    batches = random_batches(args.vocab, args.batch, args.seq, args.batches)
+    all_batches = random_batches(args.vocab, args.batch, args.seq, args.batches)
+    batches = all_batches[rank::world]
 
     def plain_forward() -> None:
         with torch.no_grad():
@@ -107,29 +124,44 @@ def main() -> None:
     names = list(runs)
     for repeat in range(args.repeats):
         for name in names if repeat % 2 == 0 else reversed(names):
+            _barrier()
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             runs[name]()
+            _barrier()
             wall[name].append(time.perf_counter() - start_wall)
             cpu[name].append(time.process_time() - start_cpu)
+    peak = {name: peak_rss_above_start(runs[name])[1] for name in names}
 
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-    scored = sum(int(b["score_mask"].sum()) for b in batches)
-    print(
-        f"llama hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} vocab={args.vocab} "
-        f"{args.dtype}; {args.batches} batches of {args.batch}x{args.seq} ({tokens} real tokens, {scored} scored); "
-        f"{args.repeats} interleaved repeats, {torch.get_num_threads()} threads\n"
-    )
-    print("Ratios to the plain forward: median over repeats of the ratio within a repeat, and ratio of the minimums.")
-    print("CPU time (process time) is the robust figure on a shared machine; it counts spinning threads too.\n")
-    print("| run | wall median s | wall ratio (paired) | wall ratio (min) | CPU median s | CPU ratio (paired) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    plain = "plain forward (no grad)"
-    for name in names:
+    if rank == 0:
+        tokens = sum(int(b["attention_mask"].sum()) for b in all_batches)
+        scored = sum(int(b["score_mask"].sum()) for b in all_batches)
         print(
-            f"| {name} | {statistics.median(wall[name]):.3f} | {_paired(wall[name], wall[plain]):.3f} | "
-            f"{min(wall[name]) / min(wall[plain]):.3f} | {statistics.median(cpu[name]):.3f} | "
-            f"{_paired(cpu[name], cpu[plain]):.3f} |"
+            f"llama hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} vocab={args.vocab} "
+            f"{args.dtype}; {args.batches} batches of {args.batch}x{args.seq} ({tokens} real tokens, {scored} "
+            f"scored) over {world} process(es); {args.repeats} interleaved repeats, {torch.get_num_threads()} "
+            "threads per process\n"
         )
+        print("Ratios to the plain forward: median over repeats of the ratio within a repeat, and ratio of the "
+              "minimums. CPU time (process time, process 0) is the robust figure on a shared machine; it counts "
+              "spinning threads too. Peak: process 0's resident set above the start of the run.\n")
+        print("| run | wall median s | wall ratio (paired) | wall ratio (min) | CPU median s | CPU ratio (paired) | "
+              "tokens/s | peak MiB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        plain = "plain forward (no grad)"
+        for name in names:
+            print(
+                f"| {name} | {statistics.median(wall[name]):.3f} | {_paired(wall[name], wall[plain]):.3f} | "
+                f"{min(wall[name]) / min(wall[plain]):.3f} | {statistics.median(cpu[name]):.3f} | "
+                f"{_paired(cpu[name], cpu[plain]):.3f} | {tokens / statistics.median(wall[name]):.0f} | "
+                f"{peak[name] / 2**20:.0f} |"
+            )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _paired(values: list[float], baseline: list[float]) -> float:

@@ -19,13 +19,11 @@ import argparse
 import copy
 import gc
 import json
-import os
 import random
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,8 @@ from peft import LoraConfig, ShiraConfig, get_peft_model, prepare_model_for_kbit
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from ssah_peft import SSAHConfig
+
+from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -161,11 +161,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer | None) -> int:
     )
 
 
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_memory(setup: Setup, checkpoint: Path, name: str, steps: int = 2) -> int:
     """Peak memory of training ``name`` above the loaded base model, in bytes (run in a fresh process)."""
     torch.manual_seed(0)
@@ -174,30 +169,20 @@ def measure_memory(setup: Setup, checkpoint: Path, name: str, steps: int = 2) ->
     base = load_base(setup, checkpoint)
     batch = torch.randint(0, config.vocab_size, (setup.batch, setup.seq), device=setup.device)
     gc.collect()
+
+    def train() -> None:
+        model, optimizer = prepare(name, make_config, base)
+        for _ in range(steps):
+            train_step(model, optimizer, batch)
+
     if setup.device.startswith("cuda"):
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        model, optimizer = prepare(name, make_config, base)
-        for _ in range(steps):
-            train_step(model, optimizer, batch)
+        train()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
-    start, peak, done = current_rss(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], current_rss())
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    model, optimizer = prepare(name, make_config, base)
-    for _ in range(steps):
-        train_step(model, optimizer, batch)
-    done.set()
-    sampler.join()
-    return max(peak[0], current_rss()) - start
+    return peak_rss_above_start(train)[1]
 
 
 def run(setup: Setup, repeats: int, memory: bool, checkpoint: Path) -> list[dict[str, Any]]:
