@@ -47,8 +47,16 @@ from transformers import (
     TrainingArguments,
 )
 
-from .analysis import AblationTable, ProbeResult, ablation_table, plot_ablation, plot_probe, probe_reasoning_direction
-from .analysis import units_dict
+from .analysis import (
+    AblationTable,
+    ProbeResult,
+    ablation_table,
+    plot_ablation,
+    plot_migration,
+    plot_probe,
+    probe_reasoning_direction,
+    units_dict,
+)
 from .data import identity_shift_records, load_builtin
 from .evaluate import GenerationSettings, evaluate_safety, evaluate_utility
 from .models import DEFAULT_MODEL, load
@@ -112,13 +120,16 @@ class DemoConfig:
     """CU frozen besides the SCU in the "SCU + top CU" protect run (the paper's 6%)."""
     aligned_method: str = "ssah_select"
     """The alignment run whose model becomes the base of stages 3 and 4."""
+    migration_runs: list[str] = field(default_factory=lambda: ["task/full", "task/ssah_protect_all_cu"])
+    """Attack runs (``data/method``) whose models are scored again: the unit types of the aligned model before and
+    after the attack, the paper's attribute migration (Fig. 5)."""
     # evaluation
     harmful_prompts: int = 36
     overrefusal_prompts: int = 18
     task_prompts: int = 36
     perplexity_texts: int = 36
     probe_prompts: int = 16
-    max_new_tokens: int = 40
+    max_new_tokens: int = 32
     generation_batch_size: int = 36
     show_progress: bool = True
 
@@ -515,10 +526,28 @@ def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, A
                 learning_rate = config.attack_learning_rates["ssah_protect" if protect else method]
                 model, info = finetune(model, tokenizer, attack_records(data, config), method, steps, learning_rate,
                                        config, run_dir, units)
-                return {"data": data, **info, **evaluate_model(model, tokenizer, config)}
+                result = {"data": data, **info, **evaluate_model(model, tokenizer, config)}
+                if f"{data}/{method}" in config.migration_runs:
+                    result["migration"] = migration_after(model, tokenizer, unit_map, config, run_dir)
+                return result
 
             results[f"{data}/{method}"] = cached_result(run_dir / "result.json", compute)
     return results
+
+
+def migration_after(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, before: UnitMap, config: DemoConfig, run_dir: Path
+) -> str:
+    """Score an attacked model like the aligned one (same data and proportions), save its unit map and the
+    migration figure into ``run_dir``; returns the migration as a text table."""
+    _log(f"stage 4/5: scoring {run_dir.parent.name}/{run_dir.name} for the migration of unit types")
+    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    after = unit_map_of(merged, tokenizer, config, scu=config.scu_fraction, ucu=config.ucu_fraction,
+                        ru=config.ru_fraction)
+    after.save(run_dir / "unitmap.safetensors")
+    migration = before.migration(after)
+    plot_migration(migration, run_dir / "migration.png", title=f"after {run_dir.name} on {run_dir.parent.name}")
+    return migration.table()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -588,6 +617,12 @@ def write_demo_report(
         *(line for name, probe in units.probes.items()
           for line in (f"- {name} model: {probe.verdict()}", "", f"![probe of the {name} model](units/probe_{name}.png)",
                        "")),
+        "## Attribute migration", "",
+        "Unit types of the aligned model (rows) against those of the same model after an attack (columns), scored "
+        "on the same calibration data with the same proportions (the paper's Fig. 5).", "",
+        *(line for key, result in attack.items() if "migration" in result
+          for line in (f"### {key}", "", "```", result["migration"], "```", "",
+                       f"![migration after {key}](attack/{key}/migration.png)", "")),
         "## Settings", "",
         "```json", json.dumps(config.to_json(), indent=2), "```", "",
     ]

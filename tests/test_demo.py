@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 from conftest import tiny_model, tiny_tokenizer
 
+from ssah_peft import UnitMap
 from ssah_peft.demo import ALIGN_METHODS, ATTACK_METHODS, ATTACK_SETS, DemoConfig, run_demo, spread, utility_split
 
 
@@ -54,6 +55,12 @@ def test_every_stage_writes_its_outputs(demo_run):
             assert (run / "attack" / data / method / "generations.jsonl").read_text().count("\n") == 3 + 2 + 2
             protect = method.startswith("ssah_protect")
             assert result["steps"] == config.attack_steps * (config.protect_epoch_factor if protect else 1)
+    for key in config.migration_runs:
+        result = json.loads((run / "attack" / key / "result.json").read_text())
+        assert (run / "attack" / key / "migration.png").stat().st_size > 0
+        before = UnitMap.load(run / "units" / "unitmap_aligned.safetensors")
+        after = UnitMap.load(run / "attack" / key / "unitmap.safetensors")
+        assert result["migration"] == before.migration(after).table()
     assert report == run / "report.md"
 
 
@@ -77,6 +84,7 @@ def test_report_table_has_every_run(demo_run):
         assert any(f"| {method} |" in row for row in rows)
     assert "`pytest demo`" in text and "unitmap_aligned.png" in text
     assert "SCU ablation check" in text and ("passes:" in text or "fails:" in text)
+    assert "## Attribute migration" in text and "attack/task/full/migration.png" in text
 
 
 def test_rerun_resumes_from_cache_without_loading_a_model(demo_run):
