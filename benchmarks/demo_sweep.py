@@ -10,7 +10,8 @@ given, so the demo's learning rates, steps and aligned base were chosen with thi
     python benchmarks/demo_sweep.py attack --out runs/sweep --base runs/demo/align/aligned_model \\
         --data task full:1e-5 lora:2e-4 ssah_protect_top_cu:2e-4
 
-A run is ``METHOD:LR`` with an optional ``:STEPS``; ``--save-merged`` keeps an alignment run's merged model as a
+A run is ``METHOD:LR`` with an optional ``:STEPS``; ``--seed`` repeats runs at another training seed (data order
+and adapter init; the unit map does not depend on it); ``--save-merged`` keeps an alignment run's merged model as a
 base for attack sweeps. The table printed at the end is the demo report's.
 """
 
@@ -55,11 +56,12 @@ def main() -> int:
     parser.add_argument("--base", type=Path, help="attack: the merged aligned model to attack")
     parser.add_argument("--data", default="task", help="attack: task or identity_shift")
     parser.add_argument("--save-merged", action="store_true", help="align: keep the merged model of each run")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (data order, adapter init)")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = DemoConfig.full(run_dir=args.out)
+    config = DemoConfig.full(run_dir=args.out, seed=args.seed)
     default_steps = config.align_steps if args.stage == "align" else config.attack_steps
 
     if args.stage == "align":
@@ -90,7 +92,8 @@ def main() -> int:
     rows = []
     for spec in args.runs:
         method, lr, steps = parse_run(spec, default_steps)
-        run_dir = stage_dir / f"{method}-lr{lr:g}-s{steps}"
+        seed_suffix = f"-seed{args.seed}" if args.seed else ""  # seed 0 keeps the names of earlier runs
+        run_dir = stage_dir / f"{method}-lr{lr:g}-s{steps}{seed_suffix}"
 
         def compute(method=method, lr=lr, steps=steps, run_dir=run_dir):
             print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
@@ -109,7 +112,7 @@ def main() -> int:
             return {**info, **evaluate_model(model, tokenizer, config)}
 
         result = cached_result(run_dir / "result.json", compute)
-        rows.append(table_row(args.stage, f"{args.data if args.stage == 'attack' else 'align'} lr={lr:g}", result))
+        rows.append(table_row(args.stage, f"{args.data if args.stage == 'attack' else 'align'} lr={lr:g}{seed_suffix}", result))
     print("\n".join([*TABLE_HEADER, *rows]))
     return 0
 

@@ -3,11 +3,13 @@
     python benchmarks/train_step.py --size tiny --repeats 5
     python benchmarks/train_step.py --size smollm2-135m --repeats 3 --batch 4 --seq 256
     python benchmarks/train_step.py --size tiny --quant nf4          # QLoRA setting: bitsandbytes 4-bit base
+    python benchmarks/train_step.py --methods protect "=LoRA" --repeats 15 --no-memory  # a focused comparison
     python benchmarks/train_step.py --size 1b --device cuda           # on a GPU
 
 Every method trains the same random Llama-shaped model (random weights cost the same as real ones). Step times
 are measured in ONE process, methods interleaved within each repeat, and reported as medians and as ratios to
-LoRA r=16 measured side by side. Peak memory: on CUDA ``max_memory_allocated`` above the loaded base model; on
+LoRA r=16 measured side by side (also paired: each sample over LoRA's sample of the same repeat, so slow drifts
+of a shared machine cancel). Peak memory: on CUDA ``max_memory_allocated`` above the loaded base model; on
 CPU the peak resident set size (sampled every 2 ms) above the loaded base model, each method in a fresh
 subprocess so one method's freed memory cannot hide another's. The "floor" is the same model with everything
 frozen but the input embeddings' output requiring grad: forward plus activation backward, no parameter update.
@@ -185,9 +187,14 @@ def measure_memory(setup: Setup, checkpoint: Path, name: str, steps: int = 2) ->
     return peak_rss_above_start(train)[1]
 
 
-def run(setup: Setup, repeats: int, memory: bool, checkpoint: Path) -> list[dict[str, Any]]:
+def run(
+    setup: Setup, repeats: int, memory: bool, checkpoint: Path, only: list[str] | None = None
+) -> list[dict[str, Any]]:
     config = setup.model_config()
     methods = method_table(config)
+    if only:  # the reference (LoRA r=16) and the floor are always measured: every ratio needs them
+        keep = [name for name in methods if name in ("floor", "lora r=16") or any(s in name for s in only)]
+        methods = {name: methods[name] for name in keep}
     if setup.quant == "nf4":
         # full fine-tuning of a 4-bit base is not possible; peft's SHiRA cannot wrap Linear4bit
         methods = {k: v for k, v in methods.items() if k not in ("full", "shira r=16")}
@@ -213,6 +220,8 @@ def run(setup: Setup, repeats: int, memory: bool, checkpoint: Path) -> list[dict
     rows = []
     for name, (model, optimizer) in prepared.items():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # paired: each sample over LoRA r=16's sample of the same repeat, so slow drifts of the machine cancel
+        paired = [t / lora_t for t, lora_t in zip(times[name], times["lora r=16"])]
         rows.append(
             {
                 "method": name,
@@ -220,6 +229,7 @@ def run(setup: Setup, repeats: int, memory: bool, checkpoint: Path) -> list[dict
                 "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                 "step_s_median": statistics.median(times[name]),
                 "step_s_all": times[name],
+                "ratio_to_lora_paired_median": statistics.median(paired),
             }
         )
     del prepared
@@ -247,9 +257,9 @@ def report(setup: Setup, rows: list[dict[str, Any]]) -> str:
         f"size={setup.size} dtype={str(setup.dtype).removeprefix('torch.')} quant={setup.quant} device={setup.device} "
         f"batch={setup.batch}x{setup.seq}",
         "",
-        "| method | trainable params | optimizer state MiB | step s (median) | step / LoRA r16 | overhead above floor s"
-        " | overhead / LoRA's | peak MiB | peak / LoRA r16 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | trainable params | optimizer state MiB | step s (median) | step / LoRA r16 | step / LoRA r16"
+        " (paired) | overhead above floor s | overhead / LoRA's | peak MiB | peak / LoRA r16 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     lora_overhead = lora["step_s_median"] - floor["step_s_median"]
     for row in rows:
@@ -260,7 +270,8 @@ def report(setup: Setup, rows: list[dict[str, Any]]) -> str:
         )
         lines.append(
             f"| {row['method']} | {row['trainable_params']:,} | {row['optimizer_state_bytes'] / 2**20:.1f} | "
-            f"{row['step_s_median']:.4f} | {row['step_s_median'] / lora['step_s_median']:.2f} | {overhead:.4f} | "
+            f"{row['step_s_median']:.4f} | {row['step_s_median'] / lora['step_s_median']:.2f} | "
+            f"{row['ratio_to_lora_paired_median']:.2f} | {overhead:.4f} | "
             f"{overhead / lora_overhead:.2f} | {peak_cells} |"
         )
     return "\n".join(lines)
@@ -305,6 +316,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--methods", nargs="+", metavar="NAME", help="measure only the methods whose names contain one of these"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the per-method peak-memory subprocesses")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG of the ratios to LoRA r=16 here")
@@ -320,7 +334,7 @@ def main() -> None:
         checkpoint = Path(scratch) / "base"
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(setup.model_config()).save_pretrained(checkpoint)
-        rows = run(setup, args.repeats, not args.no_memory, checkpoint)
+        rows = run(setup, args.repeats, not args.no_memory, checkpoint, args.methods)
     table = report(setup, rows)
     print(table)
     if args.out:

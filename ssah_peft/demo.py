@@ -45,6 +45,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from .analysis import (
@@ -142,9 +143,9 @@ class DemoConfig:
     def quick(cls, run_dir: Path = Path("runs/demo-quick"), **overrides: Any) -> DemoConfig:
         """Every stage at smoke-test sizes (about 5 minutes on 2 CPU cores); the numbers are not meaningful."""
         sizes = dict(
-            calibration_pairs=32, align_safety_examples=16, align_utility_examples=16, attack_task_examples=16,
-            max_length=128, align_steps=4, attack_steps=2, harmful_prompts=8, overrefusal_prompts=4,
-            task_prompts=8, perplexity_texts=8, probe_prompts=4, max_new_tokens=16, generation_batch_size=8,
+            calibration_pairs=16, align_safety_examples=16, align_utility_examples=16, attack_task_examples=16,
+            max_length=128, align_steps=4, attack_steps=2, harmful_prompts=6, overrefusal_prompts=3,
+            task_prompts=4, perplexity_texts=4, probe_prompts=4, max_new_tokens=12, generation_batch_size=6,
         )
         return cls(run_dir=Path(run_dir), **{**sizes, **overrides})
 
@@ -303,6 +304,9 @@ def finetune(
     Returns the trained model and its costs: trainable parameters, bytes to store the result (the adapter file,
     or the trainable weights for full fine-tuning) and training wall time.
     """
+    # Seeded here, not once per demo: the adapter's random init must not depend on which stages ran before it in
+    # this process, or a resumed run would train other adapters than an uninterrupted one.
+    set_seed(config.seed)
     peft_config = peft_config_for(method, config, units)
     if peft_config is not None:
         model = get_peft_model(model, peft_config)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
 
 from ssah_peft import UnitMap
 from ssah_peft.demo import ALIGN_METHODS, ATTACK_METHODS, ATTACK_SETS, DemoConfig, run_demo, spread, utility_split
@@ -94,6 +97,25 @@ def test_rerun_resumes_from_cache_without_loading_a_model(demo_run):
     run_demo(config, load_base=tiny_loader(calls), command="pytest demo")
     assert len(calls) == loads_before
     assert {p: p.stat().st_mtime_ns for p in config.run_dir.rglob("result.json")} == before
+
+
+def test_a_resumed_run_reproduces_the_uninterrupted_one(demo_run, tmp_path):
+    """A run interrupted before an attack and resumed must train the same adapter: every run seeds its own
+    adapter init and data order instead of inheriting the random state left by the stages before it."""
+    config, _, _ = demo_run
+    resumed = replace(config, run_dir=tmp_path / "run")
+    shutil.copytree(config.run_dir, resumed.run_dir)
+    for key in ("task/lora", "task/ssah_protect_top_cu"):
+        shutil.rmtree(resumed.run_dir / "attack" / key)
+    run_demo(resumed, load_base=tiny_loader([]), command="pytest demo")
+    for key in ("task/lora", "task/ssah_protect_top_cu"):
+        first = load_file(config.run_dir / "attack" / key / "adapter" / "adapter_model.safetensors")
+        again = load_file(resumed.run_dir / "attack" / key / "adapter" / "adapter_model.safetensors")
+        assert first.keys() == again.keys()
+        for name in first:
+            assert torch.equal(first[name], again[name]), (key, name)
+        results = [json.loads((run.run_dir / "attack" / key / "result.json").read_text()) for run in (config, resumed)]
+        assert results[0]["metrics"] == results[1]["metrics"]
 
 
 def test_other_settings_in_the_same_run_dir_are_refused(demo_run):
