@@ -143,9 +143,9 @@ class DemoConfig:
     def quick(cls, run_dir: Path = Path("runs/demo-quick"), **overrides: Any) -> DemoConfig:
         """Every stage at smoke-test sizes (about 5 minutes on 2 CPU cores); the numbers are not meaningful."""
         sizes = dict(
-            calibration_pairs=16, align_safety_examples=16, align_utility_examples=16, attack_task_examples=16,
-            max_length=128, align_steps=4, attack_steps=2, harmful_prompts=6, overrefusal_prompts=3,
-            task_prompts=4, perplexity_texts=4, probe_prompts=4, max_new_tokens=12, generation_batch_size=6,
+            calibration_pairs=8, align_safety_examples=8, align_utility_examples=8, attack_task_examples=8,
+            max_length=96, batch_size=2, align_steps=2, attack_steps=2, harmful_prompts=6, overrefusal_prompts=3,
+            task_prompts=4, perplexity_texts=4, probe_prompts=4, max_new_tokens=8, generation_batch_size=6,
         )
         return cls(run_dir=Path(run_dir), **{**sizes, **overrides})
 
