@@ -28,7 +28,7 @@ test: venv
 demo: demo-venv
 	$(PY) -m ssah_peft.demo --run-dir runs/demo
 
-# Every stage at smoke-test sizes (~5 min).
+# Every stage at smoke-test sizes (~3.5 min once the venv exists).
 demo-quick: demo-venv
 	$(PY) -m ssah_peft.demo --quick --run-dir runs/demo-quick
 

@@ -10,15 +10,18 @@ given, so the demo's learning rates, steps and aligned base were chosen with thi
     python benchmarks/demo_sweep.py attack --out runs/sweep --base runs/demo/align/aligned_model \\
         --data task full:1e-5 lora:2e-4 ssah_protect_top_cu:2e-4
 
-A run is ``METHOD:LR`` with an optional ``:STEPS``; ``--seed`` repeats runs at another training seed (data order
-and adapter init; the unit map does not depend on it); ``--save-merged`` keeps an alignment run's merged model as a
-base for attack sweeps. The table printed at the end is the demo report's.
+A run is ``METHOD:LR`` with an optional ``:STEPS``. ``--seeds 0,1,2`` repeats every run at those training seeds
+(data order and adapter init; the unit map does not depend on them) and adds a mean ± sd table; seed 0 is the
+demo's own. ``--save-merged`` keeps an alignment run's merged model as a base for attack sweeps. The table printed
+at the end is the demo report's.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,6 +51,23 @@ def parse_run(spec: str, default_steps: int) -> tuple[str, float, int]:
     return parts[0], float(parts[1]), int(parts[2]) if len(parts) == 3 else default_steps
 
 
+def seed_list(text: str) -> list[int]:
+    return [int(seed) for seed in text.split(",")]
+
+
+def seed_summary(by_run: dict[str, list[dict[str, float]]]) -> list[str]:
+    """A Markdown table of each run's metrics over its seeds (sample standard deviation)."""
+    lines = ["| run | seeds | ASR | over-refusal | task acc. | PPL |", "|---|---:|---:|---:|---:|---:|"]
+    for name, runs in by_run.items():
+        cells = []
+        for key, digits in (("asr", 3), ("overrefusal", 3), ("task_accuracy", 3), ("perplexity", 2)):
+            values = [m[key] for m in runs]
+            spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):.{digits}f}{spread}")
+        lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=("align", "attack"))
@@ -56,12 +76,13 @@ def main() -> int:
     parser.add_argument("--base", type=Path, help="attack: the merged aligned model to attack")
     parser.add_argument("--data", default="task", help="attack: task or identity_shift")
     parser.add_argument("--save-merged", action="store_true", help="align: keep the merged model of each run")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (data order, adapter init)")
+    parser.add_argument("--seeds", type=seed_list, default=[0], metavar="0,1,2",
+                        help="training seeds (data order, adapter init); with several, a mean ± sd table follows")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = DemoConfig.full(run_dir=args.out, seed=args.seed)
+    config = DemoConfig.full(run_dir=args.out)
     default_steps = config.align_steps if args.stage == "align" else config.attack_steps
 
     if args.stage == "align":
@@ -89,31 +110,38 @@ def main() -> int:
         )
         records, stage_dir = attack_records(args.data, config), stage_dir / args.data
 
-    rows = []
-    for spec in args.runs:
-        method, lr, steps = parse_run(spec, default_steps)
-        seed_suffix = f"-seed{args.seed}" if args.seed else ""  # seed 0 keeps the names of earlier runs
-        run_dir = stage_dir / f"{method}-lr{lr:g}-s{steps}{seed_suffix}"
+    rows, by_run = [], {}
+    for seed in args.seeds:
+        seeded = replace(config, seed=seed)
+        seed_suffix = f"-seed{seed}" if seed else ""  # seed 0 keeps the names of earlier runs
+        for spec in args.runs:
+            method, lr, steps = parse_run(spec, default_steps)
+            run_dir = stage_dir / f"{method}-lr{lr:g}-s{steps}{seed_suffix}"
 
-        def compute(method=method, lr=lr, steps=steps, run_dir=run_dir):
-            print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
-            model, tokenizer = load_model()
-            if method == "ssah_select":
-                units = unit_map.config_units("select")
-            elif method.startswith("ssah_protect"):
-                units = protect_units(unit_map, method)
-            else:
-                units = None
-            model, info = finetune(model, tokenizer, records, method, steps, lr, config, run_dir, units)
-            if args.save_merged:
-                merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-                merged.save_pretrained(run_dir / "merged")
-                tokenizer.save_pretrained(run_dir / "merged")
-            return {**info, **evaluate_model(model, tokenizer, config)}
+            def compute(method=method, lr=lr, steps=steps, run_dir=run_dir, seeded=seeded):
+                print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
+                model, tokenizer = load_model()
+                if method == "ssah_select":
+                    units = unit_map.config_units("select")
+                elif method.startswith("ssah_protect"):
+                    units = protect_units(unit_map, method)
+                else:
+                    units = None
+                model, info = finetune(model, tokenizer, records, method, steps, lr, seeded, run_dir, units)
+                if args.save_merged:
+                    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+                    merged.save_pretrained(run_dir / "merged")
+                    tokenizer.save_pretrained(run_dir / "merged")
+                return {**info, **evaluate_model(model, tokenizer, seeded)}
 
-        result = cached_result(run_dir / "result.json", compute)
-        rows.append(table_row(args.stage, f"{args.data if args.stage == 'attack' else 'align'} lr={lr:g}{seed_suffix}", result))
+            result = cached_result(run_dir / "result.json", compute)
+            data = args.data if args.stage == "attack" else "align"
+            rows.append(table_row(args.stage, f"{data} lr={lr:g}{seed_suffix}", result))
+            by_run.setdefault(f"{method} {data} lr={lr:g} steps={steps}", []).append(result["metrics"])
     print("\n".join([*TABLE_HEADER, *rows]))
+    if len(args.seeds) > 1:
+        print(f"\nMean ± standard deviation over seeds {', '.join(map(str, args.seeds))}:\n")
+        print("\n".join(seed_summary(by_run)))
     return 0
 
 

@@ -82,7 +82,7 @@ ATTACK_SETS: tuple[str, ...] = ("task", "identity_shift")
 
 @dataclass
 class DemoConfig:
-    """Sizes and settings of one demo run. :meth:`full` fits ~30 min and :meth:`quick` ~5 min on 2 CPU cores."""
+    """Sizes and settings of one demo run. :meth:`full` fits ~30 min and :meth:`quick` ~3 min on 2 CPU cores."""
 
     run_dir: Path = Path("runs/demo")
     model: str = DEFAULT_MODEL
@@ -141,7 +141,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, run_dir: Path = Path("runs/demo-quick"), **overrides: Any) -> DemoConfig:
-        """Every stage at smoke-test sizes (about 5 minutes on 2 CPU cores); the numbers are not meaningful."""
+        """Every stage at smoke-test sizes (about 3 minutes on 2 CPU cores); the numbers are not meaningful."""
         sizes = dict(
             calibration_pairs=8, align_safety_examples=8, align_utility_examples=8, attack_task_examples=8,
             max_length=96, batch_size=2, align_steps=2, attack_steps=2, harmful_prompts=6, overrefusal_prompts=3,
@@ -662,7 +662,7 @@ def run_demo(config: DemoConfig, load_base: Optional[ModelLoader] = None, comman
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (about 5 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (about 3 minutes on 2 CPU cores)")
     parser.add_argument("--run-dir", type=Path, help="where stages cache their results "
                         "(default: runs/demo, or runs/demo-quick with --quick)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model to align and attack (default: {DEFAULT_MODEL})")
