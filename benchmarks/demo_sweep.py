@@ -36,7 +36,8 @@ from ssah_peft.demo import (
     cached_result,
     evaluate_model,
     finetune,
-    protect_units,
+    merged_model,
+    method_units,
     table_row,
     unit_map_of,
 )
@@ -121,15 +122,10 @@ def main() -> int:
             def compute(method=method, lr=lr, steps=steps, run_dir=run_dir, seeded=seeded):
                 print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
                 model, tokenizer = load_model()
-                if method == "ssah_select":
-                    units = unit_map.config_units("select")
-                elif method.startswith("ssah_protect"):
-                    units = protect_units(unit_map, method)
-                else:
-                    units = None
+                units = method_units(unit_map, method)
                 model, info = finetune(model, tokenizer, records, method, steps, lr, seeded, run_dir, units)
                 if args.save_merged:
-                    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+                    merged = merged_model(model)
                     merged.save_pretrained(run_dir / "merged")
                     tokenizer.save_pretrained(run_dir / "merged")
                 return {**info, **evaluate_model(model, tokenizer, seeded)}

@@ -424,11 +424,11 @@ def stage_align(config: DemoConfig, load_base: ModelLoader) -> dict[str, dict[st
         def compute(method: str = method, run_dir: Path = run_dir) -> dict[str, Any]:
             _log(f"stage 2/5: aligning with {method} ({config.align_steps} steps)")
             model, tokenizer = load_base()
-            units = unit_map.config_units("select") if method == "ssah_select" else None
+            units = method_units(unit_map, method)
             model, info = finetune(model, tokenizer, records, method, config.align_steps,
                                    config.align_learning_rates[method], config, run_dir, units)
             if method == config.aligned_method:
-                model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+                model = merged_model(model)
                 model.save_pretrained(stage_dir / "aligned_model")
                 tokenizer.save_pretrained(stage_dir / "aligned_model")
             return {**info, **evaluate_model(model, tokenizer, config)}
@@ -504,13 +504,23 @@ def stage_units(config: DemoConfig, load_base: ModelLoader) -> UnitsStage:
     return UnitsStage(unit_map, table, probes)
 
 
-def protect_units(unit_map: UnitMap, method: str) -> UnitsDict:
-    """Frozen units of a protect run: SCU + top CU (the map's ``composite_fraction``), or SCU + all CU."""
+def method_units(unit_map: UnitMap, method: str) -> Optional[UnitsDict]:
+    """The units an SSAH run is given: the trained RU of ``ssah_select``; the frozen units of a protect run, SCU +
+    top CU (the map's ``composite_fraction``) or SCU + all CU. None for full fine-tuning and LoRA."""
+    if method in ("full", "lora"):
+        return None
+    if method == "ssah_select":
+        return unit_map.config_units("select")
     if method == "ssah_protect_top_cu":
         return unit_map.config_units("protect")
     if method == "ssah_protect_all_cu":
         return units_dict(unit_map, ["SCU", "CU"])
-    raise KeyError(f"{method!r} is not a protect method")
+    raise KeyError(f"Unknown method {method!r}")
+
+
+def merged_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its adapter merged into the base weights (a full fine-tuned model as it is)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, Any]]:
@@ -526,7 +536,7 @@ def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, A
                         protect: bool = protect) -> dict[str, Any]:
                 _log(f"stage 4/5: attack on {data} with {method} ({steps} steps)")
                 model, tokenizer = load_aligned(config)
-                units = protect_units(unit_map, method) if protect else None
+                units = method_units(unit_map, method)
                 learning_rate = config.attack_learning_rates["ssah_protect" if protect else method]
                 model, info = finetune(model, tokenizer, attack_records(data, config), method, steps, learning_rate,
                                        config, run_dir, units)
@@ -545,8 +555,7 @@ def migration_after(
     """Score an attacked model like the aligned one (same data and proportions), save its unit map and the
     migration figure into ``run_dir``; returns the migration as a text table."""
     _log(f"stage 4/5: scoring {run_dir.parent.name}/{run_dir.name} for the migration of unit types")
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    after = unit_map_of(merged, tokenizer, config, scu=config.scu_fraction, ucu=config.ucu_fraction,
+    after = unit_map_of(merged_model(model), tokenizer, config, scu=config.scu_fraction, ucu=config.ucu_fraction,
                         ru=config.ru_fraction)
     after.save(run_dir / "unitmap.safetensors")
     migration = before.migration(after)
