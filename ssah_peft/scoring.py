@@ -24,6 +24,7 @@ merged later (:func:`merge_partial_scores`), with the same result.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,11 +34,10 @@ from typing import Any, Literal, Optional, Union
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._files import canonical_json, read_safetensors, safetensors_bytes, write_atomic
 from .quantization import dense_weight, disable_cpu_4bit_repacking
 from .tuner.model import model_shapes
 from .units import ArchitectureSpec, _text_config, resolve_architecture
@@ -63,7 +63,7 @@ Batch = Mapping[str, Any]
 PerBlock = dict[str, tuple[torch.Tensor, ...]]
 
 PARTIAL_FILE_FORMAT = "ssah_peft.PartialScores"
-PARTIAL_FILE_FORMAT_VERSION = "1"
+PARTIAL_FILE_FORMAT_VERSION = "2"  # 2: the weights' sha256 is recorded per set
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,6 +133,19 @@ def _as_pair(pair: CalibrationPair) -> tuple[str, str]:
         return pair["prompt"], pair["response"]
     prompt, response = pair
     return prompt, response
+
+
+def calibration_data_hash(pairs: Iterable[CalibrationPair]) -> str:
+    """sha256 (hex) of a calibration set's content: its (prompt, response) pairs, in order.
+
+    Tuples and mappings with the same text hash alike. Shards scored by independent jobs record the hash of the
+    whole set in their metadata (``metadata={"data_sha256": ...}``, as ``ssah-peft score`` does), so that
+    :func:`merge_partial_scores` refuses shards of data that changed between the jobs.
+    """
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps(_as_pair(pair), ensure_ascii=False).encode("utf-8") + b"\n")
+    return digest.hexdigest()
 
 
 def _tokenize_pair(
@@ -256,7 +269,11 @@ class UnitStatistics:
     fingerprint: dict[str, Any]
     """The model the statistics come from (:func:`model_fingerprint`)."""
     metadata: dict[str, Any] = field(default_factory=dict)
-    """Description of the whole calibration set, becomes :attr:`UnitScores.metadata`; the same in every shard."""
+    """Description of the whole calibration set, becomes :attr:`UnitScores.metadata`; the same in every shard.
+    ``metadata["data_sha256"]`` (:func:`calibration_data_hash` of the whole set) makes merges check the data."""
+    weights_sha256: Optional[str] = None
+    """sha256 of all the model's parameters (names, dtypes, shapes, values) when the pass ran; shards of one set
+    must share it, whatever the method (:func:`model_weights_hash`)."""
 
     def finalize(self) -> UnitScores:
         """The scores. ``ValueError`` when no token was scored (no shard had a batch) or the variance has fewer
@@ -337,7 +354,7 @@ def score_units(
         ValueError: no batches, a batch without any token to score, fewer than two scored tokens, non-finite
             activations or loss, or a model whose output projections are wrapped by adapters.
     """
-    return unit_statistics(
+    return _statistics_pass(
         model,
         dataloader,
         method=method,
@@ -347,6 +364,7 @@ def score_units(
         gather_distributed_inputs=gather_distributed_inputs,
         show_progress_bar=show_progress_bar,
         metadata=metadata,
+        hash_weights=False,  # scores do not record the weights; only shard files are compared by them
     ).finalize()
 
 
@@ -369,17 +387,47 @@ def unit_statistics(
     For shards scored by independent jobs without ``torch.distributed``: each job saves its statistics with
     :func:`save_partial_scores`, and :func:`merge_partial_scores` turns the files into the scores of one pass
     over all shards. An empty ``dataloader`` gives empty statistics, which merge as nothing; ``metadata``
-    should describe the whole calibration set, as shards that disagree on it are not merged.
+    should describe the whole calibration set, as shards that disagree on it are not merged: put the
+    :func:`calibration_data_hash` of the whole set in it as ``"data_sha256"``. The statistics record the
+    :func:`model_weights_hash` of the model, so shards of other weights are not merged either.
 
     Raises:
         ValueError: as :func:`score_units`, except that no batches is not an error before :meth:`finalize`.
     """
+    return _statistics_pass(
+        model,
+        dataloader,
+        method=method,
+        forward_fn=forward_fn,
+        prepare_model_inputs_fn=prepare_model_inputs_fn,
+        architecture=architecture,
+        gather_distributed_inputs=gather_distributed_inputs,
+        show_progress_bar=show_progress_bar,
+        metadata=metadata,
+        hash_weights=True,
+    )
+
+
+def _statistics_pass(
+    model: nn.Module,
+    dataloader: Iterable[Batch],
+    *,
+    method: str,
+    forward_fn: Callable[[nn.Module, dict[str, Any]], Any],
+    prepare_model_inputs_fn: Callable[[Batch], tuple[dict[str, Any], torch.Tensor]],
+    architecture: Optional[ArchitectureSpec],
+    gather_distributed_inputs: bool,
+    show_progress_bar: bool,
+    metadata: Optional[Mapping[str, Any]],
+    hash_weights: bool,
+) -> UnitStatistics:
     if method not in SCORING_METHODS:
         raise ValueError(f"method must be one of {SCORING_METHODS}, got {method!r}")
     spec = architecture if architecture is not None else resolve_architecture(model.config)
     fingerprint = model_fingerprint(model, spec)
     disable_cpu_4bit_repacking(model)  # before any forward: dense_weight must dequantize the standard layout
     projections = _attach_projections(model, spec, method)
+    weights_sha256 = model_weights_hash(model) if hash_weights else None
     training_states = {module: module.training for module in model.modules()}
     model.eval()
     batch_tokens = _BatchTokens(targets_only=method == "snip")
@@ -416,7 +464,26 @@ def unit_statistics(
         ),
         fingerprint=fingerprint,
         metadata=dict(metadata or {}),
+        weights_sha256=weights_sha256,
     )
+
+
+def model_weights_hash(model: nn.Module) -> str:
+    """sha256 (hex) of every parameter of ``model``: name, dtype, shape and the bytes of its values, in order.
+
+    Quantized weights are hashed as stored (packed); parameters on the meta device (offloaded) by name, dtype and
+    shape only. Reads each parameter once, moving it to the CPU one at a time.
+    """
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        tensor = parameter.detach().as_subclass(torch.Tensor)
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
+        if tensor.is_meta:
+            digest.update(b"meta|")
+            continue
+        data = tensor.cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest.update(memoryview(data.numpy()))
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -435,6 +502,9 @@ def save_partial_scores(
             ...}``; every shard's file must hold the same sets.
         rank, world_size: which shard this is, so that :func:`merge_partial_scores` can tell a missing or
             repeated shard from a complete set.
+
+    The same statistics always give the same bytes, and the file is replaced atomically (a killed save leaves
+    the previous file; see :mod:`ssah_peft._files`).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in 0..world_size-1, got rank {rank} of world size {world_size}")
@@ -448,18 +518,15 @@ def save_partial_scores(
                     tensors[f"{name}.{group}.{layer}.{kind}"] = tensor.contiguous()
     from . import __version__
 
-    save_file(
-        tensors,
-        str(path),
-        metadata={
-            "format": PARTIAL_FILE_FORMAT,
-            "format_version": PARTIAL_FILE_FORMAT_VERSION,
-            "ssah_peft_version": __version__,
-            "rank": str(rank),
-            "world_size": str(world_size),
-            "sets": json.dumps({name: _description(part) for name, part in statistics.items()}),
-        },
-    )
+    metadata = {
+        "format": PARTIAL_FILE_FORMAT,
+        "format_version": PARTIAL_FILE_FORMAT_VERSION,
+        "ssah_peft_version": __version__,
+        "rank": str(rank),
+        "world_size": str(world_size),
+        "sets": canonical_json({name: _description(part) for name, part in statistics.items()}),
+    }
+    write_atomic(path, safetensors_bytes(tensors, metadata))
 
 
 def merge_partial_scores(paths: Sequence[Union[str, Path]]) -> dict[str, UnitScores]:
@@ -474,7 +541,8 @@ def merge_partial_scores(paths: Sequence[Union[str, Path]]) -> dict[str, UnitSco
     Raises:
         ValueError: no files; a file that is not a partial score file; files from different world sizes; a rank
             missing or given twice; files that disagree on their calibration sets, or within a set on the
-            method, the model (fingerprint or weights) or the metadata describing the data and settings.
+            method, the model (fingerprint or weights: :attr:`UnitStatistics.weights_sha256`), the calibration data
+            (``metadata["data_sha256"]``) or the rest of the metadata describing the data and settings.
     """
     if not paths:
         raise ValueError("No partial score files were given")
@@ -515,38 +583,63 @@ def merge_partial_scores(paths: Sequence[Union[str, Path]]) -> dict[str, UnitSco
 
 def _load_partial(path: Union[str, Path]) -> tuple[str, int, int, dict[str, UnitStatistics]]:
     """``(path, rank, world size, statistics per calibration set)`` of a file :func:`save_partial_scores` wrote."""
-    with safe_open(str(path), framework="pt") as f:
+    with read_safetensors(path, "a partial score file") as f:
         header = f.metadata() or {}
         if header.get("format") != PARTIAL_FILE_FORMAT:
             raise ValueError(f"{path} is not an ssah-peft partial score file (format: {header.get('format')!r})")
         if header.get("format_version") != PARTIAL_FILE_FORMAT_VERSION:
             raise ValueError(
                 f"{path} has partial score format version {header.get('format_version')!r}; this ssah-peft reads "
-                f"version {PARTIAL_FILE_FORMAT_VERSION}"
+                f"version {PARTIAL_FILE_FORMAT_VERSION} (score the shard again with this version)"
             )
         entries: dict[tuple[str, str], list[tuple[str, int, torch.Tensor]]] = {}
         for key in f.keys():
-            name, group, layer, kind = key.split(".")
+            parts = key.split(".")
+            if len(parts) != 4 or parts[1] not in ("state", "weight") or not parts[2].isdigit():
+                raise ValueError(
+                    f"{path} holds an unexpected tensor {key!r} (expected <set>.state|weight.<layer>.<kind>)"
+                )
+            name, group, layer, kind = parts
             entries.setdefault((name, group), []).append((kind, int(layer), f.get_tensor(key)))
-    statistics = {
-        name: UnitStatistics(
-            states=_per_block(entries.get((name, "state"), [])),
-            weight_statistics=_per_block(entries.get((name, "weight"), [])),
-            **description,
-        )
-        for name, description in json.loads(header["sets"]).items()
-    }
-    return str(path), int(header["rank"]), int(header["world_size"]), statistics
+    try:
+        sets = json.loads(header["sets"])
+        rank, world_size = int(header["rank"]), int(header["world_size"])
+        statistics = {
+            name: UnitStatistics(
+                states=_per_block(entries.get((name, "state"), [])),
+                weight_statistics=_per_block(entries.get((name, "weight"), [])),
+                **description,
+            )
+            for name, description in sets.items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(
+            f"{path}: the header of this partial score file is damaged ({type(error).__name__}: {error})"
+        ) from None
+    return str(path), rank, world_size, statistics
 
 
 def _description(statistics: UnitStatistics) -> dict[str, Any]:
     """What a partial score file keeps of a set besides its tensors (JSON)."""
-    return {"method": statistics.method, "fingerprint": statistics.fingerprint, "metadata": statistics.metadata}
+    return {
+        "method": statistics.method,
+        "fingerprint": statistics.fingerprint,
+        "metadata": statistics.metadata,
+        "weights_sha256": statistics.weights_sha256,
+    }
 
 
 def _check_same_pass(name: str, a: tuple[str, UnitStatistics], b: tuple[str, UnitStatistics]) -> None:
     """Shards of one calibration set must come from one model, method and data description."""
     (path_a, first), (path_b, second) = a, b
+    data_a, data_b = first.metadata.get("data_sha256"), second.metadata.get("data_sha256")
+    if data_a != data_b:
+        raise ValueError(
+            f"The calibration data of {name!r} changed between the shard jobs: {path_a} scored data with sha256 "
+            f"{_short_hash(data_a)}, {path_b} data with sha256 {_short_hash(data_b)} (data: "
+            f"{first.metadata.get('data')!r}, {second.metadata.get('data')!r}). Score every shard again on the same "
+            "data."
+        )
     for what, value_a, value_b in (
         ("methods", first.method, second.method),
         ("models (fingerprints)", first.fingerprint, second.fingerprint),
@@ -567,6 +660,16 @@ def _check_same_pass(name: str, a: tuple[str, UnitStatistics], b: tuple[str, Uni
             f"The partial scores of {name!r} come from different models: the output projection weights of "
             f"{path_a} and {path_b} differ (same architecture, other checkpoint?)"
         )
+    if first.weights_sha256 != second.weights_sha256:
+        raise ValueError(
+            f"The partial scores of {name!r} come from different model weights: {path_a} "
+            f"(sha256 {_short_hash(first.weights_sha256)}) and {path_b} (sha256 {_short_hash(second.weights_sha256)}); "
+            "same architecture, another checkpoint or modified weights? Score every shard with the same model."
+        )
+
+
+def _short_hash(value: Optional[str]) -> str:
+    return "not recorded" if value is None else f"{value[:12]}…"
 
 
 # ----------------------------------------------------------------------------------------------------

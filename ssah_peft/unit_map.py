@@ -24,15 +24,14 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from ._files import canonical_json, read_safetensors, safetensors_bytes, write_atomic
 from .scoring import UnitScores, model_fingerprint
-from .units import BLOCK_KINDS
+from .units import BLOCK_KINDS, ArchitectureSpec
 
 UnitType = Literal["SCU", "UCU", "CU", "RU"]
 #: The unit types; a type's position is its int8 code in saved maps.
@@ -113,6 +112,14 @@ class UnitMap:
                 f"Safety scores use method {safety.method!r} and utility scores {utility.method!r}; "
                 "their difference is only meaningful on one scale"
             )
+        for which, scores in (("safety", safety), ("utility", utility)):  # a saved map must load again
+            for kind, per_layer in scores.scores.items():
+                for layer, values in enumerate(per_layer):
+                    if not torch.isfinite(values.detach().float()).all():
+                        raise ValueError(
+                            f"The {which} scores of layer {layer}'s {kind} block hold NaN/inf (as float32); unit "
+                            "types need finite scores"
+                        )
         for name, value in (("scu", scu), ("ucu", ucu), ("ru", ru)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
@@ -205,12 +212,7 @@ class UnitMap:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` unless ``model`` has the layer count and block widths this map was made for."""
-        found = model_fingerprint(model)
-        if found != self.fingerprint:
-            raise ValueError(
-                f"This unit map was computed for a model with {_describe(self.fingerprint)}, but the model has "
-                f"{_describe(found)}; its unit indices would point at the wrong units. Score this model instead."
-            )
+        check_model_fingerprint(self.fingerprint, model)
 
     def overlap(self, other: UnitMap) -> dict[str, float]:
         """Intersection over union of each type's unit set in two maps of the same model.
@@ -288,7 +290,11 @@ class UnitMap:
     # ------------------------------------------------------------------------------------------------
 
     def save(self, path: Union[str, Path]) -> None:
-        """Write one safetensors file: int8 types and float32 scores per layer/kind, JSON metadata in the header."""
+        """Write one safetensors file: int8 types and float32 scores per layer/kind, JSON metadata in the header.
+
+        The same map always gives the same bytes, and the file is replaced atomically: a reader, or a save that is
+        killed, never leaves half a map (see :mod:`ssah_peft._files`).
+        """
         from . import __version__
 
         tensors = {}
@@ -300,50 +306,39 @@ class UnitMap:
             "format": FILE_FORMAT,
             "format_version": FILE_FORMAT_VERSION,
             "ssah_peft_version": __version__,
-            "unit_types": json.dumps(UNIT_TYPES),
-            "fingerprint": json.dumps(self.fingerprint),
-            "settings": json.dumps(self.settings),
-            "calibration": json.dumps(self.calibration),
-            "composite_fraction": json.dumps(self.composite_fraction),
-            "metadata": json.dumps(self.metadata),
+            "unit_types": canonical_json(UNIT_TYPES),
+            "fingerprint": canonical_json(self.fingerprint),
+            "settings": canonical_json(self.settings),
+            "calibration": canonical_json(self.calibration),
+            "composite_fraction": canonical_json(self.composite_fraction),
+            "metadata": canonical_json(self.metadata),
         }
-        save_file(tensors, str(path), metadata=metadata)
+        write_atomic(path, safetensors_bytes(tensors, metadata))
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> UnitMap:
-        """Read a map written by :meth:`save`."""
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != FILE_FORMAT:
-                raise ValueError(f"{path} is not an ssah-peft unit map (format: {metadata.get('format')!r})")
-            if metadata.get("format_version") != FILE_FORMAT_VERSION:
-                raise ValueError(
-                    f"{path} has unit map format version {metadata.get('format_version')!r}; this ssah-peft reads "
-                    f"version {FILE_FORMAT_VERSION}"
-                )
-            if tuple(json.loads(metadata["unit_types"])) != UNIT_TYPES:
-                raise ValueError(f"{path} codes unit types as {metadata['unit_types']}, expected {list(UNIT_TYPES)}")
-            fingerprint = json.loads(metadata["fingerprint"])
-            per_block: dict[str, dict[str, dict[int, torch.Tensor]]] = {"types": {}, "safety": {}, "utility": {}}
-            for key in f.keys():
-                group, layer, kind = key.split(".")
-                per_block[group].setdefault(kind, {})[int(layer)] = f.get_tensor(key)
+        """Read a map written by :meth:`save`.
 
-        def ordered(group: str) -> PerBlock:
-            return {
-                kind: tuple(layers[i] for i in range(fingerprint["num_layers"]))
-                for kind, layers in sorted(per_block[group].items(), key=lambda item: BLOCK_KINDS.index(item[0]))
-            }
-
+        The file is checked against its own metadata: every tensor the fingerprint's layers and blocks call for is
+        there, with the fingerprint's width, the expected dtype, type codes of :data:`UNIT_TYPES` and finite scores,
+        and nothing else is. ``ValueError`` names the file and the problem otherwise (``FileNotFoundError`` for a
+        missing file).
+        """
+        with read_safetensors(path, "a unit map file") as f:
+            header = f.metadata() or {}
+            _check_format(path, header)
+            fields = _read_metadata_fields(path, header)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        per_block = _check_tensors(path, tensors, fields["fingerprint"])  # block kinds in BLOCK_KINDS order
         return cls(
-            types=ordered("types"),
-            safety_scores=ordered("safety"),
-            utility_scores=ordered("utility"),
-            fingerprint=fingerprint,
-            settings=json.loads(metadata["settings"]),
-            calibration=json.loads(metadata["calibration"]),
-            composite_fraction=json.loads(metadata["composite_fraction"]),
-            metadata=json.loads(metadata.get("metadata", "{}")),
+            types=per_block["types"],
+            safety_scores=per_block["safety"],
+            utility_scores=per_block["utility"],
+            fingerprint=fields["fingerprint"],
+            settings=fields["settings"],
+            calibration=fields["calibration"],
+            composite_fraction=fields["composite_fraction"],
+            metadata=fields["metadata"],
         )
 
     # ------------------------------------------------------------------------------------------------
@@ -473,6 +468,160 @@ def _as_float32(scores: Mapping[str, tuple[torch.Tensor, ...]]) -> PerBlock:
 
 def _ordered_kinds(per_block: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(k for k in BLOCK_KINDS if k in per_block)
+
+
+def check_model_fingerprint(
+    fingerprint: Mapping[str, Any], model: nn.Module, architecture: Optional[ArchitectureSpec] = None
+) -> None:
+    """Raise ``ValueError`` unless ``model`` is the model a unit map with ``fingerprint`` was computed for.
+
+    The check behind :meth:`UnitMap.check_model`, also run by the SSAH tuner when a config built from a map
+    (:attr:`ssah_peft.SSAHConfig.unit_map_fingerprint`) meets a model. ``architecture``: where the units are, when
+    not the table's entry for the model type.
+    """
+    found = model_fingerprint(model, architecture)
+    if found != dict(fingerprint):
+        raise ValueError(
+            f"This unit map was computed for a model with {_describe(fingerprint)}, but the model has "
+            f"{_describe(found)}; its unit indices would point at the wrong units. Score this model instead "
+            "(`ssah-peft score`, or ssah_peft.score_units and UnitMap.from_scores) and use that map."
+        )
+
+
+def _check_format(path: Union[str, Path], header: Mapping[str, str]) -> None:
+    if header.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path} is not an ssah-peft unit map (format: {header.get('format')!r})")
+    if header.get("format_version") != FILE_FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has unit map format version {header.get('format_version')!r}; this ssah-peft reads "
+            f"version {FILE_FORMAT_VERSION}"
+        )
+
+
+def _read_metadata_fields(path: Union[str, Path], header: Mapping[str, str]) -> dict[str, Any]:
+    """The JSON fields of a map file's header, parsed and checked (the first problem is raised, naming the file)."""
+    fields: dict[str, Any] = {}
+    for name in ("unit_types", "fingerprint", "settings", "calibration", "composite_fraction", "metadata"):
+        if name not in header:
+            if name == "metadata":  # optional: maps written before it existed
+                fields[name] = {}
+                continue
+            raise ValueError(f"{path}: metadata field {name!r} is missing")
+        try:
+            fields[name] = json.loads(header[name])
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: metadata field {name!r} is not valid JSON ({error})") from None
+    if not isinstance(fields["unit_types"], list) or tuple(fields["unit_types"]) != UNIT_TYPES:
+        raise ValueError(f"{path} codes unit types as {header['unit_types']}, expected {list(UNIT_TYPES)}")
+    for name in ("fingerprint", "settings", "calibration", "metadata"):
+        if not isinstance(fields[name], dict):
+            raise ValueError(f"{path}: metadata field {name!r} must be a JSON object, got {header[name]!r}")
+    _check_fingerprint_fields(path, fields["fingerprint"])
+    settings = fields["settings"]
+    if settings.get("ranking") not in ("global", "per_layer"):
+        raise ValueError(
+            f"{path}: metadata field 'settings': ranking must be 'global' or 'per_layer', "
+            f"got {settings.get('ranking')!r}"
+        )
+    if not isinstance(settings.get("standardize"), bool):
+        raise ValueError(f"{path}: metadata field 'settings': standardize must be true or false")
+    for name in ("scu", "ucu", "ru"):
+        if not _is_fraction(settings.get(name)):
+            raise ValueError(
+                f"{path}: metadata field 'settings': {name} must be a number in [0, 1], got {settings.get(name)!r}"
+            )
+    if not _is_fraction(fields["composite_fraction"]):
+        raise ValueError(
+            f"{path}: metadata field 'composite_fraction' must be a number in [0, 1], "
+            f"got {header['composite_fraction']}"
+        )
+    return fields
+
+
+def _check_fingerprint_fields(path: Union[str, Path], fingerprint: dict[str, Any]) -> None:
+    num_layers, widths = fingerprint.get("num_layers"), fingerprint.get("widths")
+    if not (_is_int(num_layers) and num_layers > 0 and isinstance(widths, dict) and widths):
+        raise ValueError(
+            f"{path}: metadata field 'fingerprint' must hold num_layers (a positive integer) and widths (units per "
+            f"layer of each block kind), got {fingerprint!r}"
+        )
+    unknown = [kind for kind in widths if kind not in BLOCK_KINDS]
+    if unknown:
+        raise ValueError(f"{path}: the fingerprint names the block kind {unknown[0]!r}; expected one of {BLOCK_KINDS}")
+    for kind, per_layer in sorted(widths.items(), key=lambda item: BLOCK_KINDS.index(item[0])):
+        if not isinstance(per_layer, list) or not all(_is_int(w) and w > 0 for w in per_layer):
+            raise ValueError(
+                f"{path}: the fingerprint's widths of {kind!r} must be positive integers, got {per_layer!r}"
+            )
+        if len(per_layer) != num_layers:
+            raise ValueError(
+                f"{path}: the fingerprint's widths of {kind!r} list {len(per_layer)} layers, but num_layers is "
+                f"{num_layers}"
+            )
+
+
+_TENSOR_DTYPES = {"types": torch.int8, "safety": torch.float32, "utility": torch.float32}
+
+
+def _check_tensors(
+    path: Union[str, Path], tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any]
+) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
+    """The tensors of a map file by group and kind, after checking them against the fingerprint."""
+    num_layers, widths = fingerprint["num_layers"], fingerprint["widths"]
+    kinds = sorted(widths, key=BLOCK_KINDS.index)
+    expected = [f"{group}.{layer}.{kind}" for layer in range(num_layers) for kind in kinds for group in _TENSOR_DTYPES]
+    missing = [key for key in expected if key not in tensors]
+    if missing:
+        listed = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+        raise ValueError(
+            f"{path} is not a complete unit map: tensor(s) {listed} missing (the map's fingerprint describes "
+            f"{num_layers} layers of {', '.join(kinds)})"
+        )
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        listed = ", ".join(unexpected[:12]) + (f" and {len(unexpected) - 12} more" if len(unexpected) > 12 else "")
+        raise ValueError(
+            f"{path} holds unexpected tensor(s) {listed} (a unit map holds exactly types/safety/utility.<layer>.<kind> "
+            f"for the {num_layers} layers and the blocks {', '.join(kinds)} of its fingerprint)"
+        )
+    for key in expected:
+        group, layer, kind = key.split(".")
+        tensor, width = tensors[key], widths[kind][int(layer)]
+        if tensor.dtype != _TENSOR_DTYPES[group]:
+            raise ValueError(
+                f"{path}: tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected "
+                f"{str(_TENSOR_DTYPES[group]).removeprefix('torch.')}"
+            )
+        if tensor.dim() != 1:
+            raise ValueError(f"{path}: tensor {key} has shape {list(tensor.shape)}, expected a vector")
+        if tensor.numel() != width:
+            raise ValueError(
+                f"{path}: tensor {key} has {tensor.numel()} entries, but the map's fingerprint gives layer {layer}'s "
+                f"{kind} block {width} units"
+            )
+        if group == "types":
+            bad = tensor[(tensor < 0) | (tensor >= len(UNIT_TYPES))]
+            if bad.numel():
+                raise ValueError(
+                    f"{path}: tensor {key} holds type codes {sorted(set(bad.tolist()))[:10]} outside "
+                    f"0..{len(UNIT_TYPES) - 1} (UNIT_TYPES {UNIT_TYPES})"
+                )
+        else:
+            non_finite = int((~torch.isfinite(tensor)).sum())
+            if non_finite:
+                raise ValueError(f"{path}: tensor {key} holds {non_finite} non-finite score(s) (NaN/inf)")
+    return {
+        group: {kind: tuple(tensors[f"{group}.{layer}.{kind}"] for layer in range(num_layers)) for kind in kinds}
+        for group in _TENSOR_DTYPES
+    }
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_fraction(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def _describe(fingerprint: Mapping[str, Any]) -> str:

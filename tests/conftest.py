@@ -105,3 +105,42 @@ def assert_update_confined(model: torch.nn.Module, mode: str, adapter: str = "de
         in_slices[layer.ssah_index[adapter].long()] = True
         frozen = in_slices if mode == "protect" else ~in_slices
         assert not delta.index_select(dim, frozen.nonzero().flatten()).any()
+
+
+# bitsandbytes 4-bit on CPU. bitsandbytes 0.50 repacks a Linear4bit weight in place into its CPU kernel's layout on
+# the first eval-mode no-grad forward, but only where the CPU has AVX-512 BF16 (``support_avx512bf16_for_cpu``, set
+# from the CPU when the layer is built). The two helpers below give every CPU both paths, without branching on it.
+
+
+@pytest.fixture
+def avx512bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linear4bit layers built while this fixture is active are armed to repack, as on a CPU with AVX-512 BF16.
+
+    Only the flag is forced, not the kernel: without bitsandbytes' native AVX-512 kernel a forward through a
+    repacked weight computes wrong values (silently), so a test using this fixture passes everywhere only if nothing
+    repacks, which is what ``ssah_peft.disable_cpu_4bit_repacking`` must ensure. To get a repacked model on any CPU
+    use :func:`repack_4bit_for_cpu`, and undo the repack before a forward.
+    """
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+
+
+def repack_4bit_for_cpu(model: torch.nn.Module) -> list[str]:
+    """Repack every Linear4bit weight of ``model`` as an eval-mode forward does on a CPU with AVX-512 BF16.
+
+    Calls bitsandbytes' own conversion (plain torch, so it runs on any CPU) exactly as ``Linear4bit.forward`` does:
+    the weight data is replaced and the quant state is converted in place (block scales rounded to bfloat16,
+    ``packing_format_for_cpu`` set). Returns the names of the repacked layers.
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    repacked = []
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        if not getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            module.weight.data, _ = _convert_weight_packed_for_cpu(module.weight.data, module.weight.quant_state)
+            repacked.append(name)
+    return repacked

@@ -136,17 +136,20 @@ def test_planted_safety_units_drive_the_safety_feature_far_more_than_a_random_co
 SIZES_4BIT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 
-def test_4bit_ablation_zeroes_within_quantization_error_and_restores_the_quantized_storage(tmp_path):
+def test_4bit_ablation_zeroes_within_quantization_error_and_restores_the_quantized_storage(tmp_path, avx512bf16_cpu):
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_model("llama", **SIZES_4BIT).save_pretrained(tmp_path)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
+    before = model.model.layers[0].mlp.down_proj.weight.data.clone()
+    assert model.model.layers[0].mlp.down_proj.support_avx512bf16_for_cpu  # armed to repack, whatever this CPU is
     disable_cpu_4bit_repacking(model)
     input_ids = torch.randint(3, 97, (1, 6))
     with torch.no_grad():
         model(input_ids)  # an eval forward, the one that would repack the weights
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight.data, before)
     units = {0: {"mlp": list(range(0, 256, 5)), "attn": list(range(32)) + [70]}, 1: {"mlp": [3, 200]}}
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(down, bnb.nn.Linear4bit)

@@ -151,7 +151,7 @@ def test_local_checkpoint_with_dtype_and_pad_token(local_checkpoint):
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
 
 
-def test_local_checkpoint_in_4bit(local_checkpoint):
+def test_local_checkpoint_in_4bit(local_checkpoint, avx512bf16_cpu):  # built armed to repack, on any CPU
     import bitsandbytes as bnb
 
     model, _ = models.load(local_checkpoint, load_in_4bit=True, device_map="cpu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -321,13 +322,16 @@ def heterogeneous_llama(path: Path) -> torch.nn.Module:
     return model
 
 
-def test_4bit_scores_match_fp32_within_quantization_error(tmp_path, tokenizer, pairs):
+def test_4bit_scores_match_fp32_within_quantization_error(tmp_path, tokenizer, pairs, avx512bf16_cpu):
     import bitsandbytes as bnb
+    from conftest import repack_4bit_for_cpu
     from transformers import BitsAndBytesConfig
 
     fp32 = heterogeneous_llama(tmp_path)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
+    # armed to repack on its first eval forward whatever this CPU is: scoring must switch that off first
+    assert all(m.support_avx512bf16_for_cpu for m in output_projections(quantized).values())
     dequantized = {  # read before any forward, i.e. before bitsandbytes could repack the weights
         key: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).clone()
         for key, m in output_projections(quantized).items()
@@ -342,10 +346,13 @@ def test_4bit_scores_match_fp32_within_quantization_error(tmp_path, tokenizer, p
     for kind in scores.kinds:
         flat, flat_reference = torch.cat(scores.scores[kind]), torch.cat(reference.scores[kind])
         assert spearman(flat, flat_reference) >= 0.99, kind
-    # a model repacked by an eval forward before scoring is converted back first (with a warning)
+    assert not any(m.support_avx512bf16_for_cpu for m in output_projections(quantized).values())
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized.modules()
+                   if isinstance(m, bnb.nn.Linear4bit))
+    # a model repacked by an eval forward before scoring is converted back first (with a warning); the repack is
+    # bitsandbytes' own conversion, applied as the forward applies it on a CPU with AVX-512 BF16, so on every CPU
     repacked = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
-    with torch.no_grad():
-        repacked(**{k: v for k, v in batches[0].items() if k != "score_mask"})
+    assert repack_4bit_for_cpu(repacked)
     assert output_projections(repacked)[0, "mlp"].weight.quant_state.packing_format_for_cpu
     with pytest.warns(UserWarning, match="already been repacked"):
         rescored = score_units(repacked, batches, show_progress_bar=False)
@@ -498,19 +505,31 @@ def test_cli_score_and_units_commands(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == unit_map.migration(UnitMap.load(second)).table()
 
 
-def test_cli_reports_bad_data_files_before_loading_the_model(tmp_path):
+def cli_error(capsys, argv: list[str], status: int) -> str:
+    """The error a `ssah-peft` run reports (`ssah-peft: error: ...` on stderr, exit ``status``, no traceback)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == status
+    error = capsys.readouterr().err
+    assert "ssah-peft: error: " in error and "Traceback" not in error
+    return error
+
+
+def test_cli_reports_bad_data_files_before_loading_the_model(tmp_path, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", random_pairs(2, seed=0))
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
     command = ["score", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "map.safetensors")]
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1: expected a JSON object with 'prompt' and 'response'"):
-        main([*command, "--safety-data", str(good), "--utility-data", str(bad)])
+    error = cli_error(capsys, [*command, "--safety-data", str(good), "--utility-data", str(bad)], status=1)
+    assert re.search(r"bad\.jsonl:1: expected a JSON object with 'prompt' and 'response'", error)
     broken = tmp_path / "broken.jsonl"
     broken.write_text("\n{not json\n")
-    with pytest.raises(ValueError, match=r"broken\.jsonl:2: not valid JSON"):
-        main([*command, "--safety-data", str(broken), "--utility-data", str(good)])
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
-        main([*command, "--safety-data", str(tmp_path / "missing.jsonl"), "--utility-data", str(good)])
+    error = cli_error(capsys, [*command, "--safety-data", str(broken), "--utility-data", str(good)], status=1)
+    assert re.search(r"broken\.jsonl:2: not valid JSON", error)
+    error = cli_error(capsys, [*command, "--safety-data", str(tmp_path / "missing.jsonl"), "--utility-data", str(good)],
+                      status=2)
+    assert re.search(r"missing\.jsonl", error)
     with pytest.raises(SystemExit):
         main(command)  # the data arguments are required
 
@@ -635,10 +654,123 @@ def test_cli_shards_as_independent_jobs_merge_into_the_single_process_map(tmp_pa
     assert main(["units", "merge-scores", str(parts[1]), str(parts[0]), "--out", str(merged)]) == 0
     assert_same_map(UnitMap.load(merged), single)
 
-    with pytest.raises(ValueError, match=r"Rank\(s\) \[1\] of 2 are missing"):
-        main(["units", "merge-scores", str(parts[0]), "--out", str(merged)])
-    with pytest.raises(ValueError, match="--shard scores part of the data: write it with --partial-out"):
-        main([*command, "--shard", "0/2", "--out", str(merged)])
+    error = cli_error(capsys, ["units", "merge-scores", str(parts[0]), "--out", str(merged)], status=1)
+    assert re.search(r"Rank\(s\) \[1\] of 2 are missing", error)
+    error = cli_error(capsys, [*command, "--shard", "0/2", "--out", str(merged)], status=2)
+    assert "--shard scores part of the data: write it with --partial-out" in error
     for bad in ("2/2", "1", "a/b"):
         with pytest.raises(SystemExit):
             main([*command, "--shard", bad, "--partial-out", str(tmp_path / "bad.safetensors")])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Partial score files record the data and the weights they come from, and are written reproducibly
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_partial_score_files_record_the_calibration_data_and_the_weights(tmp_path, llama, tokenizer, pairs):
+    from safetensors import safe_open
+
+    from ssah_peft.scoring import calibration_data_hash
+
+    data_hash = calibration_data_hash(pairs)
+    assert re.fullmatch("[0-9a-f]{64}", data_hash)
+    assert data_hash == calibration_data_hash([{"prompt": p, "response": r} for p, r in pairs])  # content, not form
+    assert data_hash != calibration_data_hash(pairs[::-1])
+    assert data_hash != calibration_data_hash([*pairs[:-1], (pairs[-1][0], pairs[-1][1] + " w1")])
+    batches = build_calibration_batches(tokenizer, pairs, batch_size=4)
+    path = tmp_path / "part.safetensors"
+    for method in ("variance", "snip"):
+        statistics = unit_statistics(
+            llama, batches, method=method, show_progress_bar=False, metadata={"data": "words", "data_sha256": data_hash}
+        )
+        assert re.fullmatch("[0-9a-f]{64}", statistics.weights_sha256)
+        save_partial_scores(path, {"safety": statistics}, rank=0, world_size=1)
+        with safe_open(path, "pt") as f:
+            recorded = json.loads(f.metadata()["sets"])["safety"]
+        assert recorded["weights_sha256"] == statistics.weights_sha256
+        assert recorded["metadata"]["data_sha256"] == data_hash
+    reseeded = unit_statistics(tiny_model("llama", seed=1), batches, show_progress_bar=False)
+    assert reseeded.weights_sha256 != statistics.weights_sha256
+
+
+@pytest.mark.parametrize("method", ["variance", "wanda", "snip"])
+def test_merging_refuses_shards_scored_with_other_weights(tmp_path, tokenizer, pairs, method):
+    batches = build_calibration_batches(tokenizer, pairs, batch_size=3)
+    model, other = tiny_model("llama"), tiny_model("llama")
+    with torch.no_grad():  # another checkpoint whose output projections are the same: only the embeddings differ
+        other.model.embed_tokens.weight[5:9] += 0.01
+    paths = [tmp_path / f"{method}-{rank}.safetensors" for rank in range(2)]
+    for rank, (path, scored) in enumerate(zip(paths, (model, other))):
+        statistics = unit_statistics(
+            scored, batches[rank::2], method=method, show_progress_bar=False, metadata={"data": "words"}
+        )
+        save_partial_scores(path, {"safety": statistics}, rank=rank, world_size=2)
+    with pytest.raises(
+        ValueError,
+        match=rf"The partial scores of 'safety' come from different model weights: {re.escape(str(paths[0]))} "
+        rf"\(sha256 [0-9a-f]{{12}}…\) and {re.escape(str(paths[1]))} \(sha256 [0-9a-f]{{12}}…\)",
+    ):
+        merge_partial_scores(paths)
+
+
+def test_merging_refuses_shards_whose_calibration_data_changed_between_the_jobs(tmp_path, cli_setup):
+    command, _ = cli_setup
+    model_dir = command[command.index("--model") + 1]
+    safety = write_jsonl(tmp_path / "safety.jsonl", random_pairs(6, seed=7))
+    utility = write_jsonl(tmp_path / "utility.jsonl", random_pairs(6, seed=8))
+    score = ["score", "--model", model_dir, "--safety-data", str(safety), "--utility-data", str(utility)]
+    score += ["--batch-size", "2", "--max-length", "32", "--no-progress"]
+    parts = [tmp_path / f"part{rank}.safetensors" for rank in range(2)]
+    assert main([*score, "--shard", "0/2", "--partial-out", str(parts[0])]) == 0
+    write_jsonl(safety, random_pairs(6, seed=9))  # the same file, as many examples, other content
+    assert main([*score, "--shard", "1/2", "--partial-out", str(parts[1])]) == 0
+    with pytest.raises(
+        ValueError,
+        match=rf"The calibration data of 'safety' changed between the shard jobs: {re.escape(str(parts[0]))} scored "
+        rf"data with sha256 [0-9a-f]{{12}}…, {re.escape(str(parts[1]))} data with sha256 [0-9a-f]{{12}}…",
+    ):
+        merge_partial_scores(parts)
+
+
+KILLED_PARTIAL_SAVE = """
+import os, sys
+import torch
+from ssah_peft import UnitStatistics, save_partial_scores
+
+statistics = UnitStatistics(method="snip", states={"mlp": (torch.zeros(4, dtype=torch.float64),)},
+                            weight_statistics={}, fingerprint={"num_layers": 1})
+os.replace = lambda *args, **kwargs: os._exit(9)  # dies once the new file is written, before it is put in place
+save_partial_scores(sys.argv[1], {"safety": statistics}, rank=0, world_size=1)
+"""
+
+
+def test_partial_score_files_are_byte_identical_and_saved_atomically(tmp_path, llama, tokenizer, pairs):
+    batches = build_calibration_batches(tokenizer, pairs, batch_size=4)
+    metadata = {"data": "words", "settings": {"b": 1, "a": 2}}
+    statistics = {"safety": unit_statistics(llama, batches, show_progress_bar=False, metadata=metadata)}
+    reversed_metadata = dict(reversed(metadata.items()))
+    reordered = {"safety": unit_statistics(llama, batches, show_progress_bar=False, metadata=reversed_metadata)}
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    path, again = folder / "part.safetensors", tmp_path / "again.safetensors"
+    save_partial_scores(path, statistics, rank=0, world_size=1)
+    save_partial_scores(again, reordered, rank=0, world_size=1)
+    assert path.read_bytes() == again.read_bytes()
+    old = path.read_bytes()
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_PARTIAL_SAVE, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert path.read_bytes() == old and len(list(folder.iterdir())) == 2  # the old file, whole, and the killed one's
+    save_partial_scores(path, statistics, rank=0, world_size=1)
+    assert [p.name for p in folder.iterdir()] == ["part.safetensors"] and path.read_bytes() == old
+
+
+def test_a_unit_map_scored_twice_is_byte_identical(tmp_path, cli_setup):
+    command, _ = cli_setup
+    maps = [tmp_path / "first.safetensors", tmp_path / "second.safetensors"]
+    for path in maps:
+        assert main([*command, "--out", str(path)]) == 0
+    assert maps[0].read_bytes() == maps[1].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.safetensors", "second.safetensors"]

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES, tiny_model, tiny_units
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
 import ssah_peft
-from ssah_peft import SSAHConfig, SSAHLayer
+from ssah_peft import SSAHConfig, SSAHLayer, UnitMap, UnitScores
+from ssah_peft.scoring import model_fingerprint
 
 MODES = ("select", "protect")
 CASES = [(family, mode) for family in FAMILIES for mode in MODES]
@@ -417,3 +423,244 @@ def test_modules_to_save_and_low_cpu_mem_usage_loading(tmp_path: Path, input_ids
     assert all(p.device.type == "cpu" for p in reloaded.parameters())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids).logits, reference, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Config values of the wrong type or range: a clear error at construction
+# ------------------------------------------------------------------------------------------------------
+
+ALPHA_ERROR = "alpha must be a finite number > 0 (protect mode scales its update by alpha / r), got "
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"alpha": float("nan")}, ALPHA_ERROR + "nan"),
+        ({"alpha": float("inf")}, ALPHA_ERROR + "inf"),
+        ({"alpha": 0}, ALPHA_ERROR + "0"),
+        ({"alpha": -8.0}, ALPHA_ERROR + "-8.0"),
+        ({"alpha": "32"}, ALPHA_ERROR + "'32' (str)"),
+        ({"alpha": True}, ALPHA_ERROR + "True (bool)"),
+        ({"r": 2.5}, "r must be a positive integer (the rank of protect mode's update), got 2.5 (float)"),
+        ({"r": "8"}, "r must be a positive integer (the rank of protect mode's update), got '8' (str)"),
+        ({"r": True}, "r must be a positive integer (the rank of protect mode's update), got True (bool)"),
+        ({"r": 0}, "r must be a positive integer (the rank of protect mode's update), got 0"),
+        ({"dropout": "0.1"}, "dropout must be a number in [0, 1), got '0.1' (str)"),
+        ({"dropout": None}, "dropout must be a number in [0, 1), got None (NoneType)"),
+        ({"dropout": float("nan")}, "dropout must be a number in [0, 1), got nan"),
+        ({"dropout": 1.0}, "dropout must be a number in [0, 1), got 1.0"),
+        ({"layers_to_transform": [0, 1.5]}, "layers_to_transform must hold integer layer indices; got 1.5 (float)"),
+    ],
+)
+def test_config_rejects_hyperparameters_of_the_wrong_type_or_range(options: dict, message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        SSAHConfig(units={0: {"mlp": [1]}}, mode="protect", **options)
+
+
+@pytest.mark.parametrize(
+    "units,message",
+    [
+        ({0: {"mlp": "3"}}, "units[0]['mlp'] must be a list of integer unit indices, got the string '3'"),
+        ({0: {"mlp": None}}, "units[0]['mlp'] must be a list of integer unit indices, got None"),
+        ({0: {"mlp": ["3"]}}, "units[0]['mlp'] must hold integer unit indices; item 0 is '3' (str)"),
+        ({0: {"mlp": [1, 2.0]}}, "units[0]['mlp'] must hold integer unit indices; item 1 is 2.0 (float)"),
+        ({0: {"mlp": [True]}}, "units[0]['mlp'] must hold integer unit indices; item 0 is True (bool)"),
+        ({0: {"mlp": [[1, 2], [3]]}}, "units[0]['mlp'] must hold integer unit indices; item 0 is [1, 2] (list)"),
+        ({0: {"mlp": torch.tensor([[1, 2]])}}, "units[0]['mlp'] must be a flat list of unit indices, got a 2-d tensor"),
+        ({0: {"mlp": np.array([1.0, 2.0])}}, "units[0]['mlp'] must hold integer unit indices, got an array of float64"),
+        ({1.5: {"mlp": [1]}}, "units: layer key 1.5 is not an integer"),
+        ({True: {"mlp": [1]}}, "units: layer key True is not an integer"),
+    ],
+)
+def test_config_rejects_unit_indices_of_the_wrong_type(units: dict, message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        SSAHConfig(units=units, mode="select")
+
+
+def test_config_normalises_integer_likes_to_plain_json_values(tmp_path: Path) -> None:
+    units = {np.int64(0): {"mlp": np.array([5, 1]), "attn": torch.tensor([3])}, "1": {"mlp": range(2), "attn": (4,)}}
+    config = SSAHConfig(units=units, mode="protect", r=np.int64(4), alpha=np.float32(8.0), dropout=np.float64(0.1))
+    assert config.units == {"0": {"mlp": [1, 5], "attn": [3]}, "1": {"mlp": [0, 1], "attn": [4]}}
+    assert (config.r, config.alpha, config.dropout) == (4, 8.0, 0.1)
+    assert type(config.r) is int and type(config.alpha) is float and type(config.dropout) is float
+    config.save_pretrained(tmp_path)  # plain JSON values
+    assert PeftConfig.from_pretrained(tmp_path).r == 4
+
+
+# ------------------------------------------------------------------------------------------------------
+# A unit map's fingerprint travels with the config and is checked against the model at injection
+# ------------------------------------------------------------------------------------------------------
+
+
+def unit_map_for(fingerprint: dict, seed: int = 0) -> UnitMap:
+    """A map with random scores for the model ``fingerprint`` describes."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def scores() -> UnitScores:
+        values = {
+            kind: tuple(torch.rand(width, generator=generator, dtype=torch.float64) for width in widths)
+            for kind, widths in fingerprint["widths"].items()
+        }
+        return UnitScores(scores=values, method="variance", num_tokens=10, num_sequences=2, fingerprint=fingerprint)
+
+    return UnitMap.from_scores(scores(), scores(), scu=0.05, ucu=0.1, ru=0.2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_unit_map_of_a_narrower_model_is_refused_although_its_indices_fit(mode: str) -> None:
+    model = tiny_model("llama")  # MLP blocks 48 wide
+    own = model_fingerprint(model)
+    narrower = {**own, "widths": {**own["widths"], "mlp": [40, 40]}}  # every index < 40 exists in the 48-wide MLP
+    config = SSAHConfig(units=unit_map_for(narrower), mode=mode)
+    assert config.unit_map_fingerprint == narrower
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as refused:
+        get_peft_model(model, config)
+    message = str(refused.value)
+    assert message.startswith("This unit map was computed for a model with model_type='llama', 2 layers")
+    assert "'mlp': [40, 40]" in message.split("but the model has")[0]  # the model the map was made for
+    assert "'mlp': [48, 48]" in message.split("but the model has")[1]  # the model it got
+    assert "Score this model instead" in message  # what to do
+    assert not any(isinstance(m, SSAHLayer) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_unit_map_of_another_model_type_is_refused_at_creation_and_at_load(tmp_path: Path) -> None:
+    mistral_map = unit_map_for(model_fingerprint(tiny_model("mistral")))  # same shapes as the tiny llama
+    llama = tiny_model("llama")
+    with pytest.raises(ValueError, match="for a model with model_type='mistral'.*but the model has model_type='llama'"):
+        get_peft_model(llama, SSAHConfig(units=mistral_map, mode="select"))
+    assert not any(isinstance(m, SSAHLayer) for m in llama.modules())
+
+    # a map of the model itself: accepted, and its fingerprint is saved with the adapter and checked on load
+    llama_map = unit_map_for(model_fingerprint(llama))
+    model = get_peft_model(llama, SSAHConfig(units=llama_map, mode="select", init_weights=False))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["unit_map_fingerprint"] == llama_map.fingerprint
+    assert PeftModel.from_pretrained(tiny_model("llama"), tmp_path).peft_config["default"].unit_map_fingerprint == (
+        llama_map.fingerprint
+    )
+    mistral = tiny_model("mistral")
+    with pytest.raises(ValueError, match="for a model with model_type='llama'.*but the model has model_type='mistral'"):
+        PeftModel.from_pretrained(mistral, tmp_path)
+    assert not any(isinstance(m, SSAHLayer) for m in mistral.modules())
+    # plain units carry no fingerprint and work as before
+    assert SSAHConfig(units=tiny_units(), mode="select").unit_map_fingerprint is None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Loading: the slice indices in adapter_model.safetensors must agree with the units of adapter_config.json
+# ------------------------------------------------------------------------------------------------------
+
+DOWN_0 = "base_model.model.model.layers.0.mlp.down_proj"
+
+
+def save_select_adapter(directory: Path, units: dict, **options) -> Path:
+    config = SSAHConfig(units=units, mode="select", init_weights=False, **options)
+    get_peft_model(tiny_model("llama"), config).save_pretrained(directory)
+    return directory
+
+
+def edit_adapter_weights(directory: Path, edit) -> None:
+    path = directory / "adapter_model.safetensors"
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def disagreeing_adapter(root: Path, case: str) -> tuple[Path, str]:
+    """An adapter whose weights file and config disagree on the slices, and a regex of the error it must raise."""
+    directory = save_select_adapter(root / case, tiny_units(0), layers_to_transform=[0])
+    if case == "interrupted":  # the weights of a newer save with other units (same counts), the config of the old
+        newer = save_select_adapter(root / "newer", tiny_units(1), layers_to_transform=[0])
+        shutil.copy(newer / "adapter_model.safetensors", directory / "adapter_model.safetensors")
+        return directory, r"disagree on the slices of .*model\.layers\.0\.(mlp|self_attn)\."
+    stored = load_file(directory / "adapter_model.safetensors")[DOWN_0 + ".ssah_index"]
+    if case == "edited":
+        edit_adapter_weights(directory, lambda t: t.update({DOWN_0 + ".ssah_index": stored.flip(0).contiguous()}))
+        expected = re.escape(f"stores the indices {stored.flip(0).tolist()}, the config's units give {stored.tolist()}")
+        return directory, rf"disagree on the slices of {re.escape(DOWN_0)} .*{expected}"
+    if case == "shorter":
+        edit_adapter_weights(directory, lambda t: t.update({DOWN_0 + ".ssah_index": stored[1:].contiguous()}))
+        return directory, rf"on the slices of {re.escape(DOWN_0)} .*stores 5 indices, the config's units give 6"
+    if case == "missing":
+        edit_adapter_weights(directory, lambda t: t.pop(DOWN_0 + ".ssah_index"))
+        return directory, rf"stores no slice indices for {re.escape(DOWN_0)}, which adapter_config.json's units adapt"
+    assert case == "extra"  # indices of a module the config does not adapt (layer 1 is not transformed)
+    extra = DOWN_0.replace("layers.0", "layers.1")
+    edit_adapter_weights(directory, lambda t: t.update({extra + ".ssah_index": stored.clone()}))
+    return directory, rf"stores slice indices for {re.escape(extra)}, which adapter_config.json's units do not adapt"
+
+
+def files_of(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("case", ["interrupted", "edited", "shorter", "missing", "extra"])
+@pytest.mark.parametrize("how", ["from_pretrained", "low_cpu_mem_usage", "load_adapter", "inject_adapter_in_model"])
+def test_peft_loading_refuses_weights_that_disagree_with_the_config(
+    tmp_path: Path, input_ids: torch.Tensor, case: str, how: str
+) -> None:
+    directory, message = disagreeing_adapter(tmp_path, case)
+    saved = files_of(directory)
+    base = tiny_model("llama")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    if how == "load_adapter":  # into a model that already holds an adapter, which must keep working
+        model = PeftModel.from_pretrained(base, save_select_adapter(tmp_path / "good", tiny_units(2)))
+        with torch.no_grad():
+            reference = model(input_ids).logits
+        with pytest.raises(ValueError, match=message):
+            model.load_adapter(directory, adapter_name="other")
+        assert list(model.peft_config) == ["default"]
+        assert not any("other" in name for name in model.state_dict())
+        with torch.no_grad():
+            assert torch.equal(model(input_ids).logits, reference)
+    elif how == "inject_adapter_in_model":  # peft's functions for models without a PeftModel wrapper
+        inject_adapter_in_model(PeftConfig.from_pretrained(directory), base)
+        with pytest.raises(ValueError, match=message.replace(re.escape("base_model.model."), "(base_model\\.model\\.)?")):
+            set_peft_model_state_dict(base, load_peft_weights(directory))
+        assert not any(isinstance(m, SSAHLayer) for m in base.modules()) and not hasattr(base, "peft_config")
+    else:
+        with pytest.raises(ValueError, match=message):
+            PeftModel.from_pretrained(base, directory, low_cpu_mem_usage=how == "low_cpu_mem_usage")
+        assert not any(isinstance(m, SSAHLayer) for m in base.modules()) and not hasattr(base, "peft_config")
+        assert base.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    assert files_of(directory) == saved
+
+
+@pytest.mark.parametrize("case", ["interrupted", "edited"])
+def test_transformers_load_adapter_refuses_weights_that_disagree_with_the_config(tmp_path: Path, case: str) -> None:
+    directory, message = disagreeing_adapter(tmp_path, case)
+    saved = files_of(directory)
+    base = tiny_model("llama")
+    # transformers loads the weights itself, one tensor at a time, and names modules without peft's prefix
+    with pytest.raises(ValueError, match=message.replace(re.escape("base_model.model."), "")):
+        base.load_adapter(str(directory), adapter_name="ssah")
+    assert files_of(directory) == saved
+
+
+def test_loading_a_consistent_adapter_checks_and_passes(tmp_path: Path, input_ids: torch.Tensor) -> None:
+    units = tiny_units(3)
+    config = SSAHConfig(units=units, mode="protect", r=2, init_weights=False)
+    model = get_peft_model(tiny_model("llama"), config)
+    with torch.no_grad():
+        reference = model(input_ids).logits
+    model.save_pretrained(tmp_path)
+    for reloaded in (PeftModel.from_pretrained(tiny_model("llama"), tmp_path, low_cpu_mem_usage=True),):
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids).logits, reference, rtol=0, atol=1e-6)
+    other = tiny_model("llama")
+    other.load_adapter(str(tmp_path), adapter_name="ssah")
+    with torch.no_grad():
+        torch.testing.assert_close(other(input_ids).logits, reference, rtol=0, atol=1e-6)
+    # a state dict with the same indices loads; one with other indices is refused, naming the module
+    state = model.state_dict()
+    model.load_state_dict(state)
+    key = next(k for k in state if k.endswith("ssah_index.default") and state[k].numel() > 1)
+    state[key] = state[key].flip(0)
+    with pytest.raises(ValueError, match=re.escape(key.removesuffix(".ssah_index.default"))):
+        model.load_state_dict(state)

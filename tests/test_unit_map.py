@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ssah_peft import UNIT_TYPES, SSAHConfig, UnitMap, UnitScores, score_units
@@ -417,3 +426,193 @@ def test_summary_and_plot(tmp_path, planted_scores):
     assert lines[-1].startswith(f"all {2 * (INTERMEDIATE + HIDDEN)} units: SCU 10 (2.6%)")
     png = unit_map.plot(tmp_path / "types.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# A saved map is checked against its own metadata on load
+# ----------------------------------------------------------------------------------------------------
+
+
+def edited_copy(source: Path, target: Path, edit) -> Path:
+    """``target``: the map file ``source`` after ``edit(tensors, metadata)``, written with plain safetensors."""
+    with safe_open(source, "pt") as f:
+        metadata = dict(f.metadata())
+    tensors = load_file(source)
+    edit(tensors, metadata)
+    save_file(tensors, target, metadata=metadata)
+    return target
+
+
+def _set(mapping: dict, key: str, value) -> None:
+    mapping[key] = value
+
+
+def _edit_json(metadata: dict, field: str, change) -> None:
+    value = json.loads(metadata[field])
+    change(value)
+    metadata[field] = json.dumps(value)
+
+
+def _with_value(tensor: torch.Tensor, index: int, value) -> torch.Tensor:
+    tensor = tensor.clone()
+    tensor[index] = value
+    return tensor
+
+
+# name -> (edit of (tensors, metadata), regex of the problem the error must name); the map has 3 layers of
+# 40 MLP and 24 attention units
+CORRUPTIONS = {
+    "tensor removed": (
+        lambda t, m: t.pop("types.1.mlp"), r"is not a complete unit map: tensor\(s\) types\.1\.mlp missing"
+    ),
+    "layer removed": (
+        lambda t, m: [t.pop(k) for k in list(t) if ".2." in k],
+        r"tensor\(s\) types\.2\.mlp, safety\.2\.mlp, utility\.2\.mlp, types\.2\.attn, safety\.2\.attn, "
+        r"utility\.2\.attn missing \(the map's fingerprint describes 3 layers of mlp, attn\)",
+    ),
+    "width differs from the fingerprint": (
+        lambda t, m: _edit_json(m, "fingerprint", lambda f: _set(f["widths"], "mlp", [40, 40, 30])),
+        r"tensor types\.2\.mlp has 40 entries, but the map's fingerprint gives layer 2's mlp block 30 units",
+    ),
+    "scores of another length": (
+        lambda t, m: _set(t, "safety.1.attn", t["safety.1.attn"][:20].clone()),
+        r"tensor safety\.1\.attn has 20 entries, but the map's fingerprint gives layer 1's attn block 24 units",
+    ),
+    "type codes outside UNIT_TYPES": (
+        lambda t, m: _set(t, "types.0.attn", _with_value(t["types.0.attn"], 3, 7)),
+        r"tensor types\.0\.attn holds type codes \[7\] outside 0\.\.3 \(UNIT_TYPES \('CU', 'SCU', 'UCU', 'RU'\)\)",
+    ),
+    "non-finite scores": (
+        lambda t, m: _set(t, "utility.0.mlp", _with_value(t["utility.0.mlp"], 5, math.nan)),
+        r"tensor utility\.0\.mlp holds 1 non-finite score\(s\) \(NaN/inf\)",
+    ),
+    "unexpected tensors": (
+        lambda t, m: t.update({"weight": torch.zeros(2), "types.3.mlp": torch.zeros(40, dtype=torch.int8)}),
+        r"holds unexpected tensor\(s\) types\.3\.mlp, weight \(a unit map holds exactly "
+        r"types/safety/utility\.<layer>\.<kind> for the 3 layers and the blocks mlp, attn of its fingerprint\)",
+    ),
+    "types of another dtype": (
+        lambda t, m: _set(t, "types.0.mlp", t["types.0.mlp"].int()),
+        r"tensor types\.0\.mlp has dtype int32, expected int8",
+    ),
+    "scores of another dtype": (
+        lambda t, m: _set(t, "safety.0.mlp", t["safety.0.mlp"].double()),
+        r"tensor safety\.0\.mlp has dtype float64, expected float32",
+    ),
+    "scores not a vector": (
+        lambda t, m: _set(t, "safety.0.mlp", t["safety.0.mlp"].reshape(4, 10).clone()),
+        r"tensor safety\.0\.mlp has shape \[4, 10\], expected a vector",
+    ),
+    "metadata field missing": (lambda t, m: m.pop("fingerprint"), r"metadata field 'fingerprint' is missing"),
+    "metadata not JSON": (
+        lambda t, m: _set(m, "settings", '{"scu": 0.1,'),
+        r"metadata field 'settings' is not valid JSON \(.*\)",
+    ),
+    "fingerprint without widths": (
+        lambda t, m: _edit_json(m, "fingerprint", lambda f: f.pop("widths")),
+        r"metadata field 'fingerprint' must hold num_layers \(a positive integer\) and widths",
+    ),
+    "fingerprint widths of another layer count": (
+        lambda t, m: _edit_json(m, "fingerprint", lambda f: _set(f, "num_layers", 2)),
+        r"the fingerprint's widths of 'mlp' list 3 layers, but num_layers is 2",
+    ),
+    "unknown ranking": (
+        lambda t, m: _edit_json(m, "settings", lambda s: _set(s, "ranking", "sideways")),
+        r"metadata field 'settings': ranking must be 'global' or 'per_layer', got 'sideways'",
+    ),
+    "composite fraction out of range": (
+        lambda t, m: _set(m, "composite_fraction", "2.0"),
+        r"metadata field 'composite_fraction' must be a number in \[0, 1\], got 2\.0",
+    ),
+}
+
+
+@pytest.fixture
+def saved_map(tmp_path) -> Path:
+    path = tmp_path / "map.safetensors"
+    UnitMap.from_scores(random_scores(1), random_scores(2), scu=0.1, ucu=0.1, ru=0.2).save(path)
+    return path
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_load_checks_the_tensors_against_the_metadata(tmp_path, saved_map, corruption):
+    edit, problem = CORRUPTIONS[corruption]
+    path = edited_copy(saved_map, tmp_path / "edited.safetensors", edit)
+    content = path.read_bytes()
+    with pytest.raises(ValueError) as refused:
+        UnitMap.load(path)
+    message = str(refused.value)
+    assert message.startswith(str(path)), message  # names the file ...
+    assert re.search(problem, message), message  # ... and the problem
+    assert path.read_bytes() == content
+    UnitMap.load(saved_map)  # the unedited map loads
+
+
+@pytest.mark.parametrize("damage", ["not safetensors", "truncated", "empty"])
+def test_load_names_the_file_when_it_cannot_be_parsed(tmp_path, saved_map, damage):
+    path = tmp_path / "damaged.safetensors"
+    content = saved_map.read_bytes()
+    path.write_bytes({"not safetensors": b"certainly not a unit map", "truncated": content[: len(content) // 2],
+                      "empty": b""}[damage])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not a readable safetensors file \(.+\)"):
+        UnitMap.load(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reproducible, atomic saves
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_saves_are_byte_identical(tmp_path):
+    first = UnitMap.from_scores(random_scores(1), random_scores(2), scu=0.1, ucu=0.1, ru=0.2)
+    first.metadata = {"scan": {"b": 1, "a": [2, 3]}, "note": "x"}
+    second = UnitMap.from_scores(random_scores(1), random_scores(2), scu=0.1, ucu=0.1, ru=0.2)
+    second.metadata = {"note": "x", "scan": {"a": [2, 3], "b": 1}}  # equal, in another order
+    paths = [tmp_path / f"{name}.safetensors" for name in ("a", "b", "c")]
+    first.save(paths[0])
+    second.save(paths[1])
+    UnitMap.load(paths[0]).save(paths[2])  # a loaded and saved again map too
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+
+
+KILLED_SAVE = """
+import os, sys
+from ssah_peft import UnitMap
+
+unit_map = UnitMap.load(sys.argv[1])
+unit_map.metadata["note"] = "the save that is killed"
+os.replace = lambda *args, **kwargs: os._exit(9)  # dies once the new file is written, before it is put in place
+unit_map.save(sys.argv[1])
+"""
+
+
+def test_a_killed_save_leaves_the_old_map_and_the_next_save_leaves_no_stray_files(tmp_path):
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    path = folder / "map.safetensors"
+    unit_map = UnitMap.from_scores(random_scores(1), random_scores(2), scu=0.1, ucu=0.1, ru=0.2)
+    unit_map.save(path)
+    old = path.read_bytes()
+    for _ in range(2):
+        killed = subprocess.run(
+            [sys.executable, "-c", KILLED_SAVE, str(path)], capture_output=True, text=True, timeout=300
+        )
+        assert killed.returncode == 9, killed.stderr[-2000:]
+        assert path.read_bytes() == old  # the map is the old one, whole
+    assert len(list(folder.iterdir())) == 3  # the two killed saves left their temporary files
+    unit_map.metadata["note"] = "saved"
+    unit_map.save(path)
+    assert [p.name for p in folder.iterdir()] == ["map.safetensors"]
+    assert UnitMap.load(path).metadata == {"note": "saved"}
+
+
+def test_maps_are_made_only_from_finite_scores():
+    safety = random_scores(1)
+    broken = random_scores(2)
+    broken.scores["attn"][1][4] = float("inf")
+    with pytest.raises(ValueError, match=r"The utility scores of layer 1's attn block hold NaN/inf \(as float32\)"):
+        UnitMap.from_scores(safety, broken)
+    huge = make_scores({"mlp": [[1e300, 1.0]], "attn": [[1.0]]})  # finite in float64, inf in a map's float32
+    with pytest.raises(ValueError, match=r"The safety scores of layer 0's mlp block hold NaN/inf"):
+        UnitMap.from_scores(huge, make_scores({"mlp": [[1.0, 1.0]], "attn": [[1.0]]}))

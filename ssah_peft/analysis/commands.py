@@ -7,26 +7,57 @@ Each writes its result file into ``--out-dir`` under the run-directory names of 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
+from ..cli_checks import (
+    ABLATION_TABLE,
+    FIGURE_DATA,
+    MODEL_HELP,
+    PNG,
+    PROBE_RESULT,
+    SCAN_RESULT,
+    UNIT_MAP,
+    CLIError,
+    HelpFormatter,
+    add_overwrite_argument,
+    check_model_source,
+    check_output_dir,
+    check_output_file,
+    jsonl_records,
+    load_unit_map,
+    loading,
+    positive_fraction,
+    positive_int,
+    user_errors,
+)
 from ..evaluate import GenerationSettings
-from ..models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
 from ..unit_map import UnitMap
 from .ablation import ablation_table
 from .figures import plot_ablation, plot_probe, plot_scan
 from .probe import probe_reasoning_direction
-from .scan import CRITERIA, cheap_metrics, degradation_scan, scores_of
+from .scan import CRITERIA, DEFAULT_FRACTIONS, cheap_metrics, degradation_scan, scores_of
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"embedded name, hub id or path ({DEFAULT_MODEL})")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--device-map", help='e.g. "auto", "cpu", "cuda:0"')
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model (and 4-bit compute) dtype"
+    )
+    parser.add_argument(
+        "--device-map", help='e.g. "auto", "cpu", "cuda:0" (default: one device; cpu with --load-in-4bit and no GPU)'
+    )
     parser.add_argument("--load-in-4bit", action="store_true", help="load the model in NF4 with bitsandbytes")
     parser.add_argument("--out-dir", type=Path, required=True, help="run directory for the result files")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_overwrite_argument(parser)
+
+
+def _check_outputs(args: argparse.Namespace, stem: str, kind: str, names: tuple[str, ...] = ()) -> None:
+    """``--out-dir`` can take ``<stem>.png``, ``<stem>.csv`` and the result files ``names`` of ``kind``."""
+    files = {f"{stem}.png": PNG, f"{stem}.csv": FIGURE_DATA, **{name: kind for name in names}}
+    check_output_dir(args.out_dir, "--out-dir", files, overwrite=args.overwrite)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -35,34 +66,56 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from ..models import load
 
     device_map = args.device_map or ("cpu" if args.load_in_4bit and not torch.cuda.is_available() else None)
-    return load(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
+    with loading(args.model):
+        return load(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
 
 
 def _prompts(source: str, limit: int) -> list[str]:
-    """Prompts of a built-in data set or of a JSONL file with a ``prompt`` field."""
+    """Prompts of a built-in data set or of a JSONL file with a ``prompt`` field; errors name the file and line."""
     if Path(source).is_file():
-        records = [json.loads(line) for line in Path(source).read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = jsonl_records(source)
     else:
-        from ..data import load_builtin
+        from ..data import BUILTIN_DATASETS, load_builtin
 
-        records = list(load_builtin(source))
-    return [str(r["prompt"]) for r in records][:limit]
+        if source not in BUILTIN_DATASETS:
+            raise CLIError(
+                f"--prompts {source} is neither a file (JSONL with a prompt field) nor a built-in data set "
+                f"({', '.join(sorted(BUILTIN_DATASETS))})"
+            )
+        records = [(f"{source}[{i}]", record) for i, record in enumerate(load_builtin(source))]
+    prompts = []
+    for where, record in records[:limit]:
+        if not isinstance(record, dict) or "prompt" not in record:
+            raise ValueError(f"{where}: expected a JSON object with a 'prompt' field")
+        prompts.append(str(record["prompt"]))
+    if not prompts:
+        raise ValueError(f"{source} holds no prompts")
+    return prompts
 
 
 def register_probe(subparsers: Any) -> None:
-    parser = subparsers.add_parser("probe", help="reasoning-direction probe: refusal vs compliance per block")
+    parser = subparsers.add_parser(
+        "probe", help="reasoning-direction probe: refusal vs compliance per block", formatter_class=HelpFormatter
+    )
     _model_arguments(parser)
     parser.add_argument("--prompts", default="harmful_eval", help="built-in set or JSONL with a prompt field")
-    parser.add_argument("--limit", type=int, default=30, help="number of harmful prompts")
-    parser.add_argument("--max-appended", type=int, default=10)
-    parser.add_argument("--mean-over-appended", action="store_true")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--system-prompt")
+    parser.add_argument("--limit", type=positive_int, default=30, help="number of harmful prompts")
+    parser.add_argument(
+        "--max-appended", type=positive_int, default=10, help="continuation tokens appended to each prompt"
+    )
+    parser.add_argument(
+        "--mean-over-appended", action="store_true", help="average the distances over the appended tokens"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
+    parser.add_argument("--system-prompt", help="system turn for every prompt (default: the chat template's)")
     parser.set_defaults(handler=_probe)
 
 
 def _probe(args: argparse.Namespace) -> int:
-    prompts = _prompts(args.prompts, args.limit)
+    _check_outputs(args, "probe", PROBE_RESULT, ("probe.json",))
+    with user_errors(args.prompts):
+        prompts = _prompts(args.prompts, args.limit)
+    check_model_source(args.model, embedded=EMBEDDED_MODELS)
     model, tokenizer = _load(args)
     result = probe_reasoning_direction(
         model, tokenizer, prompts, max_appended=args.max_appended, mean_over_appended=args.mean_over_appended,
@@ -75,22 +128,42 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def register_ablate(subparsers: Any) -> None:
-    parser = subparsers.add_parser("ablate", help="ablate each unit type of a map and measure safety and utility")
+    parser = subparsers.add_parser(
+        "ablate", help="ablate each unit type of a map and measure safety and utility", formatter_class=HelpFormatter
+    )
     _model_arguments(parser)
     parser.add_argument("--unit-map", required=True, help="unit map file of this model")
-    parser.add_argument("--types", nargs="+", default=["SCU", "UCU", "RU", "CU"], choices=("SCU", "UCU", "RU", "CU"))
-    parser.add_argument("--no-random-control", action="store_true")
-    parser.add_argument("--parts", choices=("out_proj", "all"), default="out_proj")
-    parser.add_argument("--limit", type=int, default=20, help="records of each evaluation set")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--types", nargs="+", default=["SCU", "UCU", "RU", "CU"], choices=("SCU", "UCU", "RU", "CU"),
+        help="unit types to ablate, one row each",
+    )
+    parser.add_argument(
+        "--no-random-control", action="store_true", help="leave out the row of random units as many as the SCU"
+    )
+    parser.add_argument(
+        "--parts", choices=("out_proj", "all"), default="out_proj",
+        help="zero the units' output projections only, or all their weights",
+    )
+    parser.add_argument("--limit", type=positive_int, default=20, help="records of each evaluation set")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per prompt")
+    parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random control units")
     parser.set_defaults(handler=_ablate)
 
 
-def _ablate(args: argparse.Namespace) -> int:
-    unit_map = UnitMap.load(args.unit_map)
+def _load_checked(args: argparse.Namespace, unit_map: UnitMap) -> tuple[Any, Any]:
+    """The model, checked against the unit map before anything is done with either."""
+    check_model_source(args.model, embedded=EMBEDDED_MODELS)
     model, tokenizer = _load(args)
+    with user_errors(args.unit_map):
+        unit_map.check_model(model)
+    return model, tokenizer
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    _check_outputs(args, "ablation", ABLATION_TABLE, ("ablation.json",))
+    unit_map = load_unit_map(args.unit_map, "--unit-map")
+    model, tokenizer = _load_checked(args, unit_map)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                   show_progress=not args.no_progress)
     table = ablation_table(model, tokenizer, unit_map, args.types, not args.no_random_control, parts=args.parts,
@@ -103,20 +176,34 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def register_scan(subparsers: Any) -> None:
-    parser = subparsers.add_parser("scan", help="size the unit groups by a degradation scan; reclassify the map")
+    parser = subparsers.add_parser(
+        "scan", help="size the unit groups by a degradation scan; reclassify the map", formatter_class=HelpFormatter
+    )
     _model_arguments(parser)
-    parser.add_argument("--unit-map", required=True, help="unit map whose scores are ranked")
-    parser.add_argument("--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA))
-    parser.add_argument("--fractions", type=float, nargs="+", help="fractions of all units to scan")
-    parser.add_argument("--limit", type=int, default=12, help="prompts / texts per metric")
-    parser.add_argument("--parts", choices=("out_proj", "all"), default="out_proj")
-    parser.add_argument("--out-map", help="write the map reclassified with the chosen fractions here")
+    parser.add_argument("--unit-map", required=True, help="unit map of this model whose scores are ranked")
+    parser.add_argument(
+        "--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA), help="unit groups to size, one scan each"
+    )
+    parser.add_argument(
+        "--fractions", type=positive_fraction, nargs="+",
+        help=f"fractions of all units to scan, each in (0, 1] (default: {' '.join(map(str, DEFAULT_FRACTIONS))})",
+    )
+    parser.add_argument("--limit", type=positive_int, default=12, help="prompts / texts per metric")
+    parser.add_argument(
+        "--parts", choices=("out_proj", "all"), default="out_proj",
+        help="prune the units' output projections only, or all their weights",
+    )
+    parser.add_argument(
+        "--out-map", help="write the map reclassified with the chosen fractions here (default: no map is written)"
+    )
     parser.set_defaults(handler=_scan)
 
 
 def _scan(args: argparse.Namespace) -> int:
-    unit_map = UnitMap.load(args.unit_map)
-    model, tokenizer = _load(args)
+    _check_outputs(args, "scan", SCAN_RESULT, tuple(f"scan_{criterion}.json" for criterion in args.criteria))
+    check_output_file(args.out_map, "--out-map", UNIT_MAP, overwrite=args.overwrite)
+    unit_map = load_unit_map(args.unit_map, "--unit-map")
+    model, tokenizer = _load_checked(args, unit_map)
     safety, utility = scores_of(unit_map)
     metric_fn = cheap_metrics(tokenizer, limit=args.limit)
     args.out_dir.mkdir(parents=True, exist_ok=True)

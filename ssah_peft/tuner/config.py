@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+import numpy as np
 import torch
 from peft.config import PeftConfig
 
@@ -17,21 +20,23 @@ UnitsDict = dict[str, dict[str, list[int]]]
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _finite_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def normalize_units(units: Any) -> UnitsDict:
     """Validate a unit mapping and bring it into the JSON form the config stores.
 
     Accepts ``{layer: {"mlp": indices, "attn": indices}}`` with int or str layer keys and indices given
-    as any integer sequence, tensor or array. Indices are sorted; negatives, duplicates, non-integers and
-    unknown block kinds are errors (a silent fix would hide a wrong unit map).
+    as a flat sequence of integers, a 1-d integer tensor or array. Indices are sorted; negatives, duplicates,
+    non-integers (floats, strings, bools, nested lists) and unknown block kinds are errors (a silent fix would hide
+    a wrong unit map).
     """
     if not isinstance(units, Mapping):
         raise TypeError(f"units must be a mapping {{layer: {{'mlp': indices, 'attn': indices}}}}, got {type(units)}")
     normalized: UnitsDict = {}
     for layer, blocks in units.items():
-        try:
-            layer_index = int(layer)
-        except (TypeError, ValueError):
-            raise ValueError(f"units: layer key {layer!r} is not an integer") from None
+        layer_index = _layer_key(layer)
         if layer_index < 0:
             raise ValueError(f"units: negative layer index {layer_index}")
         if not isinstance(blocks, Mapping):
@@ -40,12 +45,7 @@ def normalize_units(units: Any) -> UnitsDict:
         for kind, indices in blocks.items():
             if kind not in BLOCK_KINDS:
                 raise ValueError(f"units[{layer!r}]: unknown block kind {kind!r}; expected one of {BLOCK_KINDS}")
-            tensor = torch.as_tensor(indices).flatten()
-            if tensor.numel() == 0:
-                tensor = tensor.long()  # an empty list is read as float
-            if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-                raise TypeError(f"units[{layer!r}][{kind!r}] must hold integer indices, got {tensor.dtype}")
-            values = sorted(int(i) for i in tensor.tolist())
+            values = sorted(_unit_indices(indices, f"units[{layer!r}][{kind!r}]"))
             if values and values[0] < 0:
                 raise ValueError(f"units[{layer!r}][{kind!r}] has a negative index {values[0]}")
             duplicates = sorted({a for a, b in zip(values, values[1:]) if a == b})
@@ -57,6 +57,75 @@ def normalize_units(units: Any) -> UnitsDict:
             raise ValueError(f"units: layer {layer_index} is given twice")
         normalized[key] = per_layer
     return normalized
+
+
+def _layer_key(layer: Any) -> int:
+    """A layer key as an int: an integer (not a bool) or a string of one."""
+    if _is_integer(layer):
+        return int(layer)
+    if isinstance(layer, str):
+        try:
+            return int(layer)
+        except ValueError:
+            pass
+    raise ValueError(f"units: layer key {layer!r} is not an integer")
+
+
+def _unit_indices(indices: Any, where: str) -> list[int]:
+    """The unit indices of one block as Python ints (``where`` names them in errors)."""
+    if isinstance(indices, (torch.Tensor, np.ndarray)):
+        dtype = str(indices.dtype).removeprefix("torch.")
+        kind = "tensor" if isinstance(indices, torch.Tensor) else "array"
+        if indices.ndim > 1:
+            raise TypeError(f"{where} must be a flat list of unit indices, got a {indices.ndim}-d {kind}")
+        if isinstance(indices, torch.Tensor):
+            integer = not (indices.is_floating_point() or indices.is_complex()) and indices.dtype != torch.bool
+        else:
+            integer = np.issubdtype(indices.dtype, np.integer)
+        if not integer and indices.reshape(-1).shape[0] > 0:  # an empty tensor/array of any dtype is no index
+            raise TypeError(f"{where} must hold integer unit indices, got an {kind} of {dtype}")
+        return [int(i) for i in indices.reshape(-1).tolist()]
+    if _is_integer(indices):
+        return [int(indices)]  # a single index
+    if isinstance(indices, (str, bytes)):
+        raise TypeError(f"{where} must be a list of integer unit indices, got the string {indices!r}")
+    if isinstance(indices, Mapping) or not isinstance(indices, Iterable):
+        raise TypeError(f"{where} must be a list of integer unit indices, got {indices!r}")
+    values = []
+    for position, item in enumerate(indices):
+        if isinstance(item, (torch.Tensor, np.ndarray)) and item.ndim == 0:
+            item = item.item()
+        if not _is_integer(item):
+            raise TypeError(
+                f"{where} must hold integer unit indices; item {position} is {item!r} ({type(item).__name__})"
+            )
+        values.append(int(item))
+    return values
+
+
+def _positive_int(name: str, value: Any, meaning: str) -> int:
+    if not _is_integer(value):
+        raise TypeError(f"{name} must be a positive integer ({meaning}), got {_show(value, integer=True)}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer ({meaning}), got {_show(value)}")
+    return int(value)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _show(value: Any, integer: bool = False) -> str:
+    """``repr`` of a config value, with its type where the type is the problem (``integer``: anything but an int)."""
+    if _is_integer(value) or (not integer and isinstance(value, numbers.Real) and not isinstance(value, bool)):
+        return repr(int(value) if isinstance(value, numbers.Integral) else float(value))
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _typed_error(value: Any, message: str) -> Exception:
+    """TypeError for a value of the wrong type, ValueError for a number out of range."""
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    return ValueError(message) if is_number else TypeError(message)
 
 
 @dataclass
@@ -91,6 +160,10 @@ class SSAHConfig(PeftConfig):
             not given and stored, so a saved adapter describes itself.
         model_shapes: layer count and block widths of the base model, recorded at creation and checked when the
             adapter is loaded into another model.
+        unit_map_fingerprint: the model a :class:`ssah_peft.UnitMap` given as ``units`` was scored on
+            (:func:`ssah_peft.scoring.model_fingerprint`); set from the map, saved with the adapter and checked
+            against the model before any module is changed, so a map of another model is refused even where its
+            indices happen to fit. ``None`` for plain unit dicts.
         target_modules: derived at injection from the units and the architecture (a regex over module names);
             not meant to be set by hand.
     """
@@ -110,6 +183,9 @@ class SSAHConfig(PeftConfig):
     init_weights: bool = field(default=True)
     architecture: Optional[dict[str, Any]] = field(default=None)
     model_shapes: Optional[dict[str, Any]] = field(default=None)
+    unit_map_fingerprint: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "Fingerprint of the model the UnitMap of `units` was scored on (set from it)"}
+    )
     target_modules: Optional[Union[list[str], str]] = field(default=None)
 
     def __post_init__(self) -> None:
@@ -122,15 +198,33 @@ class SSAHConfig(PeftConfig):
             raise ValueError(f"mode must be 'select' or 'protect', got {self.mode!r}")
         if self.units is None:
             raise ValueError("SSAHConfig needs `units`: {layer: {'mlp': indices, 'attn': indices}} or a UnitMap")
-        if hasattr(self.units, "config_units"):  # a UnitMap
+        self.r = _positive_int("r", self.r, "the rank of protect mode's update")
+        if not _finite_real(self.alpha) or self.alpha <= 0:
+            raise _typed_error(
+                self.alpha,
+                "alpha must be a finite number > 0 (protect mode scales its update by alpha / r), "
+                f"got {_show(self.alpha)}",
+            )
+        self.alpha = float(self.alpha)
+        if not _finite_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise _typed_error(self.dropout, f"dropout must be a number in [0, 1), got {_show(self.dropout)}")
+        self.dropout = float(self.dropout)
+        if hasattr(self.units, "config_units"):  # a UnitMap: keep the model it was scored on, checked at injection
+            fingerprint = dict(self.units.fingerprint)
+            if self.unit_map_fingerprint is not None and dict(self.unit_map_fingerprint) != fingerprint:
+                raise ValueError(
+                    "unit_map_fingerprint differs from the fingerprint of the UnitMap given as units; leave it unset"
+                )
+            self.unit_map_fingerprint = fingerprint
             self.units = self.units.config_units(self.mode)
+        if self.unit_map_fingerprint is not None and not isinstance(self.unit_map_fingerprint, Mapping):
+            raise TypeError(
+                "unit_map_fingerprint must be a model fingerprint (a dict) or None, "
+                f"got {_show(self.unit_map_fingerprint)}"
+            )
         self.units = normalize_units(self.units)
         if self.mode == "select" and not any(idx for blocks in self.units.values() for idx in blocks.values()):
             raise ValueError("select mode with no units would train nothing; give at least one unit")
-        if self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.unit_parts not in ("all", "out_proj"):
             raise ValueError(f"unit_parts must be 'all' or 'out_proj', got {self.unit_parts!r}")
         if isinstance(self.target_blocks, str):
@@ -139,8 +233,23 @@ class SSAHConfig(PeftConfig):
         if unknown or not self.target_blocks:
             raise ValueError(f"target_blocks must be a non-empty subset of {BLOCK_KINDS}, got {self.target_blocks}")
         self.target_blocks = [k for k in BLOCK_KINDS if k in self.target_blocks]
-        if isinstance(self.layers_to_transform, int):
+        if _is_integer(self.layers_to_transform):
             self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            if isinstance(self.layers_to_transform, (str, bytes, Mapping)) or not isinstance(
+                self.layers_to_transform, Iterable
+            ):
+                raise TypeError(
+                    "layers_to_transform must be a layer index or a list of them, "
+                    f"got {_show(self.layers_to_transform)}"
+                )
+            layers = list(self.layers_to_transform)
+            for layer in layers:
+                if not _is_integer(layer):
+                    raise TypeError(
+                        f"layers_to_transform must hold integer layer indices; got {_show(layer, integer=True)}"
+                    )
+            self.layers_to_transform = [int(layer) for layer in layers]
         if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(f"delta_dtype must be one of {DELTA_DTYPES} or None, got {self.delta_dtype!r}")
 

@@ -8,13 +8,13 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..units import Axis
+from .slice_index import SliceIndexDict
 
 
 class SSAHLayer(BaseTunerLayer):
@@ -39,7 +39,7 @@ class SSAHLayer(BaseTunerLayer):
         self.ssah_bias = nn.ParameterDict({})
         self.ssah_A = nn.ParameterDict({})
         self.ssah_B = nn.ParameterDict({})
-        self.ssah_index = BufferDict({}, persistent=True)
+        self.ssah_index = SliceIndexDict()  # persistent; loading other indices than the config's is refused
         self.ssah_dropout = nn.ModuleDict({})
         self.ssah_axis: dict[str, Axis] = {}
         self.ssah_mode: dict[str, str] = {}
@@ -163,23 +163,29 @@ class SSAHLayer(BaseTunerLayer):
             else:
                 weight.index_add_(in_dim, index, delta.T if transposed else delta)
 
-    def _add_to_bias(self, adapter: str, sign: float) -> None:
-        if adapter not in self.ssah_bias:
-            return
-        bias = self.get_base_layer().bias
+    def _add_to_bias(self, adapter: str, bias: torch.Tensor, sign: float) -> None:
+        """Add ``sign`` × the select-mode bias delta to ``bias`` in place."""
         with torch.no_grad():
             index = self._index(adapter, bias.device)
-            bias.data.index_add_(0, index, (self.ssah_bias[adapter] * sign).to(bias.dtype))
+            bias.index_add_(0, index, (self.ssah_bias[adapter] * sign).to(bias.dtype))
 
     def _apply_to_base(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
+        """Add ``sign`` × the update to the base weight and bias. With ``safe_merge`` both are built as copies and
+        checked before either is written, so a broken adapter leaves the base layer untouched."""
         weight = self.get_base_weight()  # a dequantized copy for quantized layers, the weight data otherwise
+        bias = self.get_base_layer().bias.data if adapter in self.ssah_bias else None
         if safe_merge:
             weight = weight.clone()
+            bias = bias.clone() if bias is not None else None
         self._add_to_weight(adapter, weight, sign, transposed=self.fan_in_fan_out)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter!r} seems to be broken")
+        if bias is not None:
+            self._add_to_bias(adapter, bias, sign)
+        if safe_merge and not all(torch.isfinite(t).all() for t in (weight, bias) if t is not None):
+            # peft's wording, so that tools matching peft's message recognise it
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
         self.set_base_weight(weight)
-        self._add_to_bias(adapter, sign)
+        if bias is not None and safe_merge:
+            self.get_base_layer().bias.data.copy_(bias)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge the active (or given) adapters into the base weight.

@@ -14,6 +14,7 @@ from ..quantization import disable_cpu_4bit_repacking as _disable_cpu_4bit_repac
 from ..units import Axis, ArchitectureSpec, resolve_architecture, unit_slices
 from .config import SSAHConfig
 from .layer import SSAHLayer, SSAHLinear, supported_base_layer
+from .slice_index import ADVICE, index_difference
 
 
 def model_shapes(model: nn.Module, spec: ArchitectureSpec) -> dict[str, Any]:
@@ -105,14 +106,39 @@ def layer_slices(config: SSAHConfig, spec: ArchitectureSpec, layer: int) -> dict
     return result
 
 
-def _target_regex(config: SSAHConfig, spec: ArchitectureSpec) -> str:
-    """A regex matching exactly the full names of the modules to adapt (peft's ``target_modules``)."""
+def _target_regex(config: SSAHConfig, spec: ArchitectureSpec, model: nn.Module) -> str:
+    """A regex matching exactly the full names of the modules to adapt (peft's ``target_modules``).
+
+    In protect mode a weight whose every slice is protected (common for ``q_proj``/``k_proj`` under GQA, where a
+    few protected channels share all query/key rows) is left out: an adapter there could never change anything,
+    and peft's rule is that every trainable parameter is one that training can update.
+    """
+    lengths = _slice_lengths(model, spec)
     per_layer = []
     for layer in targeted_layers(config, config.model_shapes["num_layers"]):
-        modules = sorted(layer_slices(config, spec, layer))
+        modules = sorted(
+            module
+            for module, (axis, index) in layer_slices(config, spec, layer).items()
+            if config.mode == "select" or index.numel() < lengths[layer, module][axis]
+        )
         if modules:
             per_layer.append(rf"{layer}\.(?:{'|'.join(re.escape(m) for m in modules)})")
     return rf"(?:.*\.)?{re.escape(spec.layers)}\.(?:{'|'.join(per_layer)})"
+
+
+def _slice_lengths(model: nn.Module, spec: ArchitectureSpec) -> dict[tuple[int, str], dict[Axis, int]]:
+    """``(layer, module) → {"out": rows, "in": columns}`` of every block module of ``model``."""
+    lengths = {}
+    for kind in spec.blocks:
+        for module in spec.modules(kind):
+            pattern = spec.layer_pattern(module)
+            for name, found in model.named_modules():
+                match = pattern.fullmatch(name)
+                if match is not None:
+                    base = found.get_base_layer() if isinstance(found, BaseTunerLayer) else found
+                    in_features, out_features = _get_in_out_features(base)
+                    lengths[int(match.group(1)), module] = {"out": int(out_features), "in": int(in_features)}
+    return lengths
 
 
 class SSAHModel(BaseTuner):
@@ -148,10 +174,14 @@ class SSAHModel(BaseTuner):
                 "This SSAH adapter was made for a base model with shapes "
                 f"{_describe(peft_config.model_shapes)}, but the model it is loaded into has {_describe(shapes)}."
             )
+        if peft_config.unit_map_fingerprint is not None:  # units from a UnitMap: it must be this model's
+            from ..unit_map import check_model_fingerprint  # here: unit_map imports scoring, which imports this module
+
+            check_model_fingerprint(peft_config.unit_map_fingerprint, model, spec)
         _validate_units(peft_config, shapes)
         peft_config.architecture = spec.to_dict()
         peft_config.model_shapes = shapes
-        peft_config.target_modules = _target_regex(peft_config, spec)
+        peft_config.target_modules = _target_regex(peft_config, spec, model)
         _disable_cpu_4bit_repacking(model)
 
     def _create_and_replace(
@@ -179,6 +209,7 @@ class SSAHModel(BaseTuner):
         )
         if isinstance(target, SSAHLayer):
             target.update_layer(adapter_name, **update_kwargs)
+            target.ssah_index.module_name = current_key
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not supported_base_layer(base):
@@ -188,9 +219,32 @@ class SSAHModel(BaseTuner):
             )
         new_module = SSAHLinear(target, adapter_name, **get_quantization_kwargs(self.model))
         new_module.update_layer(adapter_name, **update_kwargs)
+        new_module.ssah_index.module_name = current_key  # named in errors about loaded indices
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SSAHConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """peft's key remapping, after checking the stored slice indices against the config's units.
+
+        peft calls this (from ``set_peft_model_state_dict``: ``PeftModel.from_pretrained`` and ``load_adapter``)
+        after injecting the adapter and before loading any weight. Where ``adapter_model.safetensors`` and
+        ``adapter_config.json`` disagree, the injected adapter is taken out again and a ``ValueError`` names the
+        modules; transformers' ``load_adapter`` is covered by :class:`ssah_peft.tuner.slice_index.SliceIndexDict`.
+        """
+        problems = _stored_slice_problems(model, config, adapter_name, state_dict)
+        if problems:
+            _withdraw_adapter(model, adapter_name)
+            listed = "\n".join(f"- {problem}" for problem in problems[:8])
+            more = f"\n- and {len(problems) - 8} more" if len(problems) > 8 else ""
+            raise ValueError(
+                f"Cannot load SSAH adapter {adapter_name!r}: the slice indices stored with its weights do not match "
+                f"the units of its config.\n{listed}{more}\n{ADVICE} Nothing was loaded."
+            )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's autocast (fp16/bf16 → fp32), then the config's ``delta_dtype`` if one is set."""
@@ -205,26 +259,61 @@ class SSAHModel(BaseTuner):
                     if adapter_name in container:
                         container[adapter_name] = container[adapter_name].to(dtype)
 
-    def merge_and_dequantize(self, progressbar: bool = False) -> nn.Module:
+    def merge_and_dequantize(self, progressbar: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
         """Merge the active adapters exactly into a dequantized copy of a bitsandbytes-quantized base model.
 
         Every Linear4bit / Linear8bitLt of the model (adapted or not) becomes an ``nn.Linear`` holding its
-        dequantized weight, then the adapters are merged in floating point: no requantization error, and the
-        protected slices equal the dequantized base weights bit for bit. Returns the unwrapped model.
+        dequantized weight; the adapters are merged into a float32 copy of it (no requantization error), which is
+        then rounded once to ``dtype``. Returns the unwrapped model, with every floating parameter in ``dtype`` —
+        including the norms and embeddings that ``prepare_model_for_kbit_training`` upcast to float32 — so it runs
+        and saves (``save_pretrained``) as an ordinary checkpoint of that dtype. Modules that transformers keeps
+        in float32 for ``dtype`` (a model's ``_keep_in_fp32_modules(_strict)``) stay float32, as
+        ``from_pretrained`` would load them.
+
+        ``dtype`` defaults to the compute dtype of the model's 4-bit layers (``bnb_4bit_compute_dtype``: the dtype
+        the adapted model ran them in, so the usual QLoRA recipe gives a bfloat16 model), and to float32 when the
+        model has no 4-bit layers (8-bit only) or their compute dtypes differ.
+
+        Exactness: the slices an adapter never changes (the protected ones in protect mode, all but the selected
+        ones in select mode) equal the dequantized base weight cast to ``dtype`` bit for bit — with the default,
+        the weight the 4-bit layer computed with; with a ``dtype`` at least as wide as the stored one (float32
+        for a bf16 checkpoint) the dequantized weight itself. Only one adapted layer is held in float32 at a time.
         """
-        for module in self.model.modules():
-            if isinstance(module, SSAHLayer) and module.quantization_backend is not None:
-                module.base_layer = _dequantized_linear(module.get_base_layer())
-                module.quantization_backend = None
+        if dtype is None:
+            dtype = _compute_dtype(self.model)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
+        from peft.tuners.tuners_utils import onload_layer
+        from tqdm.auto import tqdm
+
+        self._check_merge_allowed()
+        target_dtype = _target_dtypes(self.model, dtype)
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, SSAHLayer)]
+        for name, module in tqdm(layers, disable=not progressbar, desc="Dequantizing and merging"):
+            with onload_layer(module):
+                if module.quantization_backend is not None:
+                    module.base_layer = _dequantized_linear(module.get_base_layer(), torch.float32)
+                    module.quantization_backend = None
+                module.merge()  # the active adapters, in float32 for a dequantized base
+                base = module.get_base_layer()
+                for param_name, param in base.named_parameters():
+                    _cast_parameter(param, target_dtype(f"{name}.{param_name}"))
         for name, module in list(self.model.named_modules()):
-            if _is_bnb_layer(module):
+            if _is_bnb_layer(module):  # not adapted: nothing to merge, dequantize straight into its dtype
                 parent_name, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent_name), child, _dequantized_linear(module))
-        model = self.merge_and_unload(progressbar=progressbar)
-        for owner in (model, getattr(model, "config", None)):
-            for attribute in ("hf_quantizer", "quantization_config"):
-                if owner is not None and getattr(owner, attribute, None) is not None:
-                    setattr(owner, attribute, None)
+                linear = _dequantized_linear(module, target_dtype(f"{name}.weight"))
+                setattr(self.model.get_submodule(parent_name), child, linear)
+        model = self.unload()  # every SSAH layer is merged: this only unwraps them
+        for name, param in model.named_parameters():
+            _cast_parameter(param, target_dtype(name))
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "dtype"):
+            config.dtype = dtype
+        for attribute in ("hf_quantizer", "quantization_config"):
+            if getattr(model, attribute, None) is not None:
+                setattr(model, attribute, None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config  # saved configs would otherwise carry "quantization_config": null
         for flag in ("is_loaded_in_4bit", "is_loaded_in_8bit", "is_quantized"):
             if getattr(model, flag, False):
                 setattr(model, flag, False)
@@ -234,6 +323,80 @@ class SSAHModel(BaseTuner):
 def _describe(shapes: dict[str, Any]) -> str:
     widths = {kind: sorted(set(w)) for kind, w in shapes["widths"].items()}
     return f"{shapes['num_layers']} layers, hidden sizes {shapes['hidden_sizes']}, block widths {widths}"
+
+
+def _stored_slice_problems(
+    model: nn.Module, config: SSAHConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> list[str]:
+    """Where the ``ssah_index`` tensors of a checkpoint differ from the slices the config's units give."""
+    spec = ArchitectureSpec.from_dict(config.architecture)
+    layers = set(targeted_layers(config, config.model_shapes["num_layers"]))
+    expected: dict[int, dict[str, tuple[Axis, torch.Tensor]]] = {}
+    stored: set[tuple[int, str]] = set()
+    problems = []
+    for key, value in state_dict.items():
+        if not key.endswith(".ssah_index"):
+            continue
+        module_name = key.removesuffix(".ssah_index")
+        located = _try_locate(spec, config, module_name)
+        slices = None
+        if located is not None and located[0] in layers:
+            if located[0] not in expected:
+                expected[located[0]] = layer_slices(config, spec, located[0])
+            slices = expected[located[0]].get(located[1])
+        if slices is None:
+            problems.append(
+                f"adapter_model.safetensors stores slice indices for {module_name}, which adapter_config.json's units "
+                "do not adapt"
+            )
+            continue
+        stored.add(located)
+        difference = index_difference(value, slices[1])
+        if difference is not None:
+            problems.append(
+                f"adapter_model.safetensors and adapter_config.json disagree on the slices of {module_name} "
+                f"(adapter {adapter_name!r}): {difference}"
+            )
+    for name, module in model.named_modules():  # every module the config adapted needs its stored indices
+        if isinstance(module, SSAHLayer) and adapter_name in module.ssah_index:
+            if _try_locate(spec, config, name) not in stored:
+                problems.append(
+                    f"adapter_model.safetensors stores no slice indices for {name}, which adapter_config.json's units "
+                    "adapt"
+                )
+    return problems
+
+
+def _withdraw_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Take an adapter whose weights were refused out of the model again, leaving the model as before the load."""
+    tuner = getattr(model, "base_model", model)
+    if isinstance(tuner, SSAHModel) and adapter_name in tuner.peft_config:
+        if list(tuner.peft_config) == [adapter_name]:  # PeftModel.from_pretrained: unwrap the base model
+            tuner.unload()
+            if getattr(tuner.model, "peft_config", None) is tuner.peft_config:
+                del tuner.model.peft_config
+        else:  # load_adapter next to other adapters
+            tuner.delete_adapter(adapter_name)
+        return
+    for name, module in list(model.named_modules()):  # injected without a tuner (peft's inject_adapter_in_model)
+        if isinstance(module, SSAHLayer) and adapter_name in module.ssah_mode:
+            if set(module.ssah_mode) == {adapter_name}:
+                parent_name, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
+            else:
+                module.delete_adapter(adapter_name)
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and adapter_name in configs:
+        del configs[adapter_name]
+        if not configs:
+            del model.peft_config
+
+
+def _try_locate(spec: ArchitectureSpec, config: SSAHConfig, key: str) -> tuple[int, str] | None:
+    try:
+        return _locate(spec, config, key)
+    except ValueError:
+        return None
 
 
 def _locate(spec: ArchitectureSpec, config: SSAHConfig, key: str) -> tuple[int, str]:
@@ -253,27 +416,56 @@ def _is_bnb_layer(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def _dequantized_linear(base: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` with the dequantized weight (and the bias) of a bitsandbytes layer."""
+def _dequantized_linear(base: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """An ``nn.Linear`` in ``dtype`` with the dequantized weight (and the bias) of a bitsandbytes layer."""
     from peft.utils import resolve_quantization_backend
 
-    weight = resolve_quantization_backend(base).get_base_weight(base)
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
-    linear.to(weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if base.bias is not None:
-            linear.bias.copy_(base.bias.to(weight.dtype))
-    linear.requires_grad_(False)
+    weight = resolve_quantization_backend(base).get_base_weight(base)  # a new tensor, in the stored dtype
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    if base.bias is not None:
+        bias = base.bias.detach().to(device=weight.device, dtype=dtype).clone()
+        linear.bias = nn.Parameter(bias, requires_grad=False)
     return linear
 
 
-def merge_and_dequantize(model: nn.Module, progressbar: bool = False) -> nn.Module:
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The compute dtype shared by the model's bitsandbytes 4-bit layers; float32 if there are none or they differ."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return torch.float32
+    dtypes = {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.compute_dtype}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _target_dtypes(model: nn.Module, dtype: torch.dtype):
+    """``parameter name → dtype``: ``dtype``, except float32 inside modules transformers keeps in float32 for it."""
+    kept = set()
+    if dtype in (torch.float16, torch.bfloat16):
+        kept.update(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if dtype == torch.float16:
+        kept.update(getattr(model, "_keep_in_fp32_modules", None) or ())
+
+    def target(name: str) -> torch.dtype:
+        dotted = "." + name.replace(".base_layer.", ".") + "."
+        return torch.float32 if any(f".{module}." in dotted for module in kept) else dtype
+
+    return target
+
+
+def _cast_parameter(param: nn.Parameter, dtype: torch.dtype) -> None:
+    if param.is_floating_point() and param.dtype != dtype:
+        param.data = param.data.to(dtype)  # in place: tied parameters stay tied
+
+
+def merge_and_dequantize(model: nn.Module, progressbar: bool = False, dtype: torch.dtype | None = None) -> nn.Module:
     """Exact merge for a bitsandbytes base: see :meth:`SSAHModel.merge_and_dequantize`.
 
-    Accepts a ``PeftModel`` or an :class:`SSAHModel`.
+    Accepts a ``PeftModel`` or an :class:`SSAHModel`. ``dtype``: the merged model's dtype; by default the compute
+    dtype of its 4-bit layers (bfloat16 in the usual QLoRA recipe).
     """
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, SSAHModel):
         raise TypeError(f"expected a PeftModel with SSAH adapters or an SSAHModel, got {type(model).__name__}")
-    return tuner.merge_and_dequantize(progressbar=progressbar)
+    return tuner.merge_and_dequantize(progressbar=progressbar, dtype=dtype)
