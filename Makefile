@@ -26,11 +26,11 @@ test: venv
 
 # The whole SSAH experiment on the embedded model (resumes from runs/demo).
 demo: demo-venv
-	$(PY) -m ssah_peft.demo --run-dir runs/demo
+	$(PY) -m ssah_peft demo --run-dir runs/demo
 
 # Every stage at smoke-test sizes (~3.5 min once the venv exists).
 demo-quick: demo-venv
-	$(PY) -m ssah_peft.demo --quick --run-dir runs/demo-quick
+	$(PY) -m ssah_peft demo --quick --run-dir runs/demo-quick
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -24,13 +24,12 @@ since mixing results of two settings would make the table lie.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol, TypeVar
 
@@ -57,14 +56,6 @@ from .analysis import (
     plot_probe,
     probe_reasoning_direction,
     units_dict,
-)
-from .cli_checks import (
-    HelpFormatter,
-    check_model_source,
-    check_output_dir,
-    positive_int,
-    run_command,
-    user_errors,
 )
 from .data import identity_shift_records, load_builtin
 from .evaluate import GenerationSettings, evaluate_safety, evaluate_utility
@@ -671,57 +662,3 @@ def run_demo(config: DemoConfig, load_base: Optional[ModelLoader] = None, comman
     path = write_demo_report(config, baseline, align, units, attack, command or shlex.join(sys.argv))
     _log(f"report: {path}")
     return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="smoke-test sizes (about 3 minutes on 2 CPU cores)")
-    parser.add_argument("--run-dir", type=Path, help="where stages cache their results "
-                        "(default: runs/demo, or runs/demo-quick with --quick)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model to align and attack (default: {DEFAULT_MODEL})")
-    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def register_demo(subparsers: Any) -> None:
-    """Add the ``demo`` subcommand to an ``argparse`` subparsers object; it sets ``handler``."""
-    parser = subparsers.add_parser("demo", help="run the whole SSAH experiment end to end (resumable)",
-                                   description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    add_demo_arguments(parser)
-    parser.set_defaults(handler=run_demo_command, program="ssah-peft demo")
-
-
-def run_demo_command(args: argparse.Namespace) -> int:
-    """Handler of ``ssah-peft demo``; the run directory and the model are checked before anything runs."""
-    from .models import EMBEDDED_MODELS
-
-    preset = DemoConfig.quick if args.quick else DemoConfig.full
-    config = preset(**({"run_dir": args.run_dir} if args.run_dir else {}))
-    check_output_dir(config.run_dir, "--run-dir")
-    check_model_source(args.model, embedded=EMBEDDED_MODELS)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = replace(config, model=args.model, show_progress=not args.no_progress)
-    with user_errors(config.run_dir):
-        _check_run_dir(config)  # results of other settings (run_demo checks again, finding them equal)
-    options = [*(["--quick"] if args.quick else []), "--run-dir", str(config.run_dir), "--model", config.model,
-               *(["--threads", str(args.threads)] if args.threads else [])]
-    command = f"{args.program} {shlex.join(options)}"
-    print(run_demo(config, command=command).read_text(encoding="utf-8"))
-    return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssah_peft.demo", description=__doc__.splitlines()[0],
-                                     formatter_class=HelpFormatter)
-    add_demo_arguments(parser)
-    parser.set_defaults(program="python -m ssah_peft.demo", handler=run_demo_command)
-    return run_command(parser, parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

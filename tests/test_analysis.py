@@ -18,6 +18,7 @@ from conftest import tiny_model, tiny_tokenizer, tiny_units
 from test_unit_map import SAFETY_TOKENS, planted_llama, planted_units, random_scores
 
 from ssah_peft import UnitMap, UnitScores, dense_weight, disable_cpu_4bit_repacking, resolve_architecture, unit_slices
+from ssah_peft.cli import analysis as commands
 from ssah_peft.analysis import (
     AblationRow,
     AblationTable,
@@ -25,7 +26,6 @@ from ssah_peft.analysis import (
     ScanResult,
     ablate,
     build_report,
-    commands,
     degradation_scan,
     plot_ablation,
     plot_migration,

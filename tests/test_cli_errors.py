@@ -18,8 +18,9 @@ from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 
 from ssah_peft import UnitMap, UnitScores, cli, demo, models
-from ssah_peft.analysis import commands
+from ssah_peft.cli import analysis as commands
 from ssah_peft.cli import build_parser, main, read_pairs
+from ssah_peft.cli import demo as demo_cli
 from ssah_peft.scoring import PARTIAL_FILE_FORMAT, model_fingerprint
 
 
@@ -38,7 +39,7 @@ def loads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(models, "load", load)
     monkeypatch.setattr(demo, "load", load)
-    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    monkeypatch.setattr(demo_cli, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
     return calls
 
 

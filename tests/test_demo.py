@@ -135,7 +135,7 @@ def test_evaluation_subsets_cover_all_categories_and_perplexity_texts_are_held_o
 
 def test_demo_is_a_subcommand_of_the_cli():
     from ssah_peft.cli import build_parser
-    from ssah_peft.demo import run_demo_command
+    from ssah_peft.cli.demo import run_demo_command
 
     args = build_parser().parse_args(["demo", "--quick", "--run-dir", "somewhere", "--threads", "1"])
     assert args.handler is run_demo_command and args.quick and str(args.run_dir) == "somewhere" and args.threads == 1

@@ -13,6 +13,7 @@ from conftest import tiny_config, tiny_model, tiny_tokenizer
 from transformers import LlamaForSequenceClassification
 
 from ssah_peft.data import load_builtin
+from ssah_peft.cli.evaluate import register as register_eval
 from ssah_peft.evaluate import (
     REPORT_SCHEMA,
     GenerationSettings,
@@ -24,7 +25,6 @@ from ssah_peft.evaluate import (
     generate_responses,
     is_refusal,
     perplexity,
-    register_cli,
     run_evaluation,
 )
 
@@ -217,7 +217,7 @@ def test_eval_cli_subcommand(model, tokenizer, tmp_path):
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     parser = argparse.ArgumentParser(prog="ssah-peft")
-    register_cli(parser.add_subparsers(dest="command"))
+    register_eval(parser.add_subparsers(dest="command"))
     out = tmp_path / "eval"
     args = parser.parse_args(["eval", "--model", str(checkpoint), "--suite", "safety", "--limit", "2",
                               "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out), "--no-progress"])

@@ -7,10 +7,9 @@
 """
 
 from .ablation import AblationRow, AblationTable, UnitSet, ablate, ablation_table, random_units_like, units_dict
-from .commands import register_ablate, register_probe, register_scan
 from .figures import plot_ablation, plot_migration, plot_probe, plot_scan, plot_unit_types
 from .probe import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS, ProbeResult, probe_reasoning_direction
-from .report import build_report, register_report
+from .report import build_report
 from .scan import CRITERIA, ScanResult, cheap_metrics, degradation_scan, scores_of, top_units
 
 __all__ = [
@@ -34,10 +33,6 @@ __all__ = [
     "plot_unit_types",
     "probe_reasoning_direction",
     "random_units_like",
-    "register_ablate",
-    "register_probe",
-    "register_report",
-    "register_scan",
     "scores_of",
     "top_units",
     "units_dict",

@@ -15,9 +15,8 @@ Run-directory convention (every file optional; the ``ssah-peft probe|ablate|scan
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import Any, Union
+from typing import Union
 
 from ..unit_map import UnitMap
 from .ablation import AblationTable
@@ -78,54 +77,3 @@ def build_report(run_dir: Union[str, Path]) -> Path:
     report = run_dir / "report.md"
     report.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return report
-
-
-def register_report(subparsers: Any) -> None:
-    from ..cli_checks import RawDescriptionHelpFormatter, add_overwrite_argument
-
-    parser = subparsers.add_parser(
-        "report", help="assemble the figures and tables of a run directory into report.md",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("run_dir", type=Path, help="run directory with the result files (see above)")
-    add_overwrite_argument(parser)
-    parser.set_defaults(handler=_report)
-
-
-def _report(args: argparse.Namespace) -> int:
-    """Handler of ``ssah-peft report``: reads every result file first (errors name it), refuses to overwrite files
-    ssah-peft did not write, then builds the report."""
-    from ..cli_checks import (
-        ANALYSIS_REPORT,
-        EVAL_REPORT_PART,
-        FIGURE_DATA,
-        PNG,
-        CLIError,
-        check_output_dir,
-        load_unit_map,
-        user_errors,
-    )
-
-    run_dir = args.run_dir
-    if not run_dir.is_dir():
-        raise CLIError(f"{run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}; give a run directory")
-    results = {name: run_dir / f"{name}.json" for name in ("probe", "ablation") if (run_dir / f"{name}.json").is_file()}
-    scans, maps = sorted(run_dir.glob("scan_*.json")), sorted(run_dir.glob("unitmap*.safetensors"))
-    figures = [*results, *(["scan"] if scans else []), *(path.stem for path in maps)]
-    if {"unitmap_before", "unitmap_after"} <= {path.stem for path in maps}:
-        figures.append("migration")
-    if not figures:
-        raise CLIError(f"{run_dir} holds none of probe.json, ablation.json, scan_*.json, unitmap*.safetensors; give "
-                       "a run directory the probe, ablate or scan commands wrote into (their --out-dir)")
-    files = {"report.md": (ANALYSIS_REPORT, EVAL_REPORT_PART)}
-    for name in figures:
-        files.update({f"figures/{name}.png": PNG, f"figures/{name}.csv": FIGURE_DATA})
-    check_output_dir(run_dir, "run directory", files, overwrite=args.overwrite)
-    readers = {"probe": ProbeResult.load, "ablation": AblationTable.load}
-    for path, read in [*((results[name], readers[name]) for name in results), *((p, ScanResult.load) for p in scans)]:
-        with user_errors(path):  # a broken result file is named here, not deep in build_report
-            read(path)
-    for path in maps:
-        load_unit_map(path, "unit map")
-    print(f"wrote {build_report(run_dir)}")
-    return 0

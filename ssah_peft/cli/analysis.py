@@ -1,7 +1,7 @@
 """``ssah-peft probe``, ``ssah-peft ablate`` and ``ssah-peft scan``: the analyses on a model from the command line.
 
-Each writes its result file into ``--out-dir`` under the run-directory names of :mod:`.report`, so that
-``ssah-peft report RUN_DIR`` can assemble them.
+Each writes its result file into ``--out-dir`` under the run-directory names of :mod:`ssah_peft.analysis.report`, so that
+```ssah-peft report RUN_DIR`` can assemble them; ``ssah-peft report`` is here too.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..cli_checks import (
+from .checks import (
     ABLATION_TABLE,
     FIGURE_DATA,
     MODEL_HELP,
@@ -34,10 +34,11 @@ from ..cli_checks import (
 from ..evaluate import GenerationSettings
 from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
 from ..unit_map import UnitMap
-from .ablation import ablation_table
-from .figures import plot_ablation, plot_probe, plot_scan
-from .probe import probe_reasoning_direction
-from .scan import CRITERIA, DEFAULT_FRACTIONS, cheap_metrics, degradation_scan, scores_of
+from ..analysis.ablation import AblationTable, ablation_table
+from ..analysis.figures import plot_ablation, plot_probe, plot_scan
+from ..analysis.probe import ProbeResult, probe_reasoning_direction
+from ..analysis.report import build_report
+from ..analysis.scan import CRITERIA, DEFAULT_FRACTIONS, ScanResult, cheap_metrics, degradation_scan, scores_of
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -229,4 +230,55 @@ def _scan(args: argparse.Namespace) -> int:
         reclassified.save(args.out_map)
         print(reclassified.summary())
         print(f"wrote {args.out_map}")
+    return 0
+
+
+def register_report(subparsers: Any) -> None:
+    from .checks import RawDescriptionHelpFormatter, add_overwrite_argument
+
+    parser = subparsers.add_parser(
+        "report", help="assemble the figures and tables of a run directory into report.md",
+        description=__doc__.split("\n\n", 1)[1], formatter_class=RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", type=Path, help="run directory with the result files (see above)")
+    add_overwrite_argument(parser)
+    parser.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Handler of ``ssah-peft report``: reads every result file first (errors name it), refuses to overwrite files
+    ssah-peft did not write, then builds the report."""
+    from .checks import (
+        ANALYSIS_REPORT,
+        EVAL_REPORT_PART,
+        FIGURE_DATA,
+        PNG,
+        CLIError,
+        check_output_dir,
+        load_unit_map,
+        user_errors,
+    )
+
+    run_dir = args.run_dir
+    if not run_dir.is_dir():
+        raise CLIError(f"{run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}; give a run directory")
+    results = {name: run_dir / f"{name}.json" for name in ("probe", "ablation") if (run_dir / f"{name}.json").is_file()}
+    scans, maps = sorted(run_dir.glob("scan_*.json")), sorted(run_dir.glob("unitmap*.safetensors"))
+    figures = [*results, *(["scan"] if scans else []), *(path.stem for path in maps)]
+    if {"unitmap_before", "unitmap_after"} <= {path.stem for path in maps}:
+        figures.append("migration")
+    if not figures:
+        raise CLIError(f"{run_dir} holds none of probe.json, ablation.json, scan_*.json, unitmap*.safetensors; give "
+                       "a run directory the probe, ablate or scan commands wrote into (their --out-dir)")
+    files = {"report.md": (ANALYSIS_REPORT, EVAL_REPORT_PART)}
+    for name in figures:
+        files.update({f"figures/{name}.png": PNG, f"figures/{name}.csv": FIGURE_DATA})
+    check_output_dir(run_dir, "run directory", files, overwrite=args.overwrite)
+    readers = {"probe": ProbeResult.load, "ablation": AblationTable.load}
+    for path, read in [*((results[name], readers[name]) for name in results), *((p, ScanResult.load) for p in scans)]:
+        with user_errors(path):  # a broken result file is named here, not deep in build_report
+            read(path)
+    for path in maps:
+        load_unit_map(path, "unit map")
+    print(f"wrote {build_report(run_dir)}")
     return 0

@@ -11,7 +11,7 @@ such a function and listing it here.
   maps, the migration of unit types between two maps, or merge the partial score files of all shards into a map.
 
 Every command checks its options, inputs and outputs before loading a model, and :func:`main` reports a user
-error as ``ssah-peft: error: ...`` without a traceback (:mod:`ssah_peft.cli_checks`).
+error as ``ssah-peft: error: ...`` without a traceback (:mod:`ssah_peft.cli.checks`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from .scoring import (
+from ..scoring import (
     PLAIN_CHAT_TEMPLATE,
     SCORING_METHODS,
     TOKEN_SELECTIONS,
@@ -37,7 +37,7 @@ from .scoring import (
     unit_statistics,
 )
 from .analysis import register_ablate, register_probe, register_report, register_scan
-from .cli_checks import (
+from .checks import (
     MODEL_HELP,
     PARTIAL_SCORES,
     PNG,
@@ -61,8 +61,8 @@ from .cli_checks import (
     user_errors,
 )
 from .demo import register_demo
-from .evaluate import register_cli as register_eval
-from .unit_map import UNIT_TYPES, UnitMap
+from .evaluate import register as register_eval
+from ..unit_map import UNIT_TYPES, UnitMap
 
 Registrar = Callable[[Any], None]
 DTYPES = ("float32", "bfloat16", "float16")
@@ -74,7 +74,7 @@ def read_pairs(source: str, limit: Optional[int] = None) -> list[tuple[str, str]
     if Path(source).is_file():
         records = jsonl_records(source)
     else:
-        from .data import BUILTIN_DATASETS, load_builtin
+        from ..data import BUILTIN_DATASETS, load_builtin
 
         if source not in BUILTIN_DATASETS:
             raise FileNotFoundError(
@@ -226,8 +226,8 @@ def _process_group() -> Iterator[tuple[int, int]]:
 def _score(args: argparse.Namespace) -> int:
     import torch
 
-    from .models import EMBEDDED_MODELS
-    from .models import load as load_model
+    from ..models import EMBEDDED_MODELS
+    from ..models import load as load_model
 
     # check everything that can be wrong before loading a large model
     if args.shard is not None and args.partial_out is None:
@@ -435,7 +435,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``ssah-peft`` with ``argv`` (default: the process arguments); returns the exit status.
 
     A user error (a bad option, path or input file) exits, as argparse does, with ``ssah-peft: error: ...`` on
-    stderr and status 2 (options, paths) or 1 (file contents); see :mod:`ssah_peft.cli_checks`.
+    stderr and status 2 (options, paths) or 1 (file contents); see :mod:`ssah_peft.cli.checks`.
     """
     parser = build_parser()
     return run_command(parser, parser.parse_args(argv))

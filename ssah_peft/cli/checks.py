@@ -233,7 +233,7 @@ def check_safetensors_input(path: PathLike, option: str) -> Path:
 
 def load_unit_map(path: PathLike, option: str) -> Any:
     """The :class:`~ssah_peft.UnitMap` of a file given as ``option``; every problem with the file names it."""
-    from .unit_map import UnitMap
+    from ..unit_map import UnitMap
 
     check_safetensors_input(path, option)
     with user_errors(path):
@@ -337,14 +337,14 @@ def _first_bytes(path: Path, count: int) -> bytes:
 
 
 def _is_eval_report(path: Path) -> bool:
-    from .evaluate import REPORT_SCHEMA
+    from ..evaluate import REPORT_SCHEMA
 
     return _json_object(path).get("schema") == REPORT_SCHEMA
 
 
 def _file_kinds() -> dict[str, Callable[[Path], bool]]:
-    from .scoring import PARTIAL_FILE_FORMAT
-    from .unit_map import FILE_FORMAT
+    from ..scoring import PARTIAL_FILE_FORMAT
+    from ..unit_map import FILE_FORMAT
 
     return {
         UNIT_MAP: lambda path: _safetensors_format(path) == FILE_FORMAT,
