@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: torch venv demo-venv test demo demo-quick clean
+.PHONY: torch venv demo-venv test lint format demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,15 @@ demo-venv: torch
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# ruff's lint rules and formatter, configured in pyproject.toml; CI runs this before the tests.
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: venv
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # The whole SSAH experiment on the embedded model (resumes from runs/demo).
 demo: demo-venv

@@ -37,16 +37,20 @@ def main() -> None:
     model, tokenizer = load(args.model)
     load_seconds = time.perf_counter() - start
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-    report, _ = run_evaluation(model, tokenizer, "all", model_name=args.model, settings=settings, limit=args.limit,
-                               out_dir=args.out)
+    report, _ = run_evaluation(
+        model, tokenizer, "all", model_name=args.model, settings=settings, limit=args.limit, out_dir=args.out
+    )
 
     safety, utility = report["safety"], report["utility"]
     print()
     print(report_markdown(report))
     print()
     print(f"model load: {load_seconds:.1f} s; torch threads: {torch.get_num_threads()}")
-    for name, block in (("harmful_eval", safety["harmful"]), ("overrefusal_eval", safety["overrefusal"]),
-                        ("task_test", utility["task"])):
+    for name, block in (
+        ("harmful_eval", safety["harmful"]),
+        ("overrefusal_eval", safety["overrefusal"]),
+        ("task_test", utility["task"]),
+    ):
         rate = block["n"] / block["seconds"]
         print(f"{name}: {block['n']} prompts in {block['seconds']:.1f} s ({rate:.2f} prompts/s)")
     print("ASR by category: " + ", ".join(f"{c} {v['asr']:.2f}" for c, v in safety["harmful"]["by_category"].items()))

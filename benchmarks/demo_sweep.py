@@ -1,4 +1,4 @@
-"""Sweep the demo's alignment and attack settings: the search behind the defaults of ``ssah_peft.demo``.
+"""Sweep the demo's alignment and attack settings: the search behind the defaults of ``ssah_peft.experiments``.
 
 The paper's effects need a moderately strong attack on a well-aligned model; at 135M parameters neither is
 given, so the demo's learning rates, steps and aligned base were chosen with this script. Every run is one
@@ -10,7 +10,8 @@ given, so the demo's learning rates, steps and aligned base were chosen with thi
     python benchmarks/demo_sweep.py attack --out runs/sweep --base runs/demo/align/aligned_model \\
         --data task full:1e-5 lora:2e-4 ssah_protect_top_cu:2e-4
 
-A run is ``METHOD:LR`` with an optional ``:STEPS``. ``--seeds 0,1,2`` repeats every run at those training seeds
+A run is ``METHOD:LR`` with an optional ``:STEPS``; METHOD is a name of the method table
+(``ssah_peft.experiments.METHODS``). ``--seeds 0,1,2`` repeats every run at those training seeds
 (data order and adapter init; the unit map does not depend on them) and adds a mean ± sd table; seed 0 is the
 demo's own. ``--save-merged`` keeps an alignment run's merged model as a base for attack sweeps. The table printed
 at the end is the demo report's.
@@ -27,9 +28,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssah_peft.demo import (
+from ssah_peft.experiments import (
     TABLE_HEADER,
     DemoConfig,
+    Method,
     alignment_records,
     attack_records,
     cached_artifact,
@@ -37,7 +39,7 @@ from ssah_peft.demo import (
     evaluate_model,
     finetune,
     merged_model,
-    method_units,
+    method_named,
     table_row,
     unit_map_of,
 )
@@ -45,11 +47,15 @@ from ssah_peft.models import load
 from ssah_peft.unit_map import UnitMap
 
 
-def parse_run(spec: str, default_steps: int) -> tuple[str, float, int]:
+def parse_run(spec: str, default_steps: int) -> tuple[Method, float, int]:
     parts = spec.split(":")
     if len(parts) not in (2, 3):
         raise SystemExit(f"a run is METHOD:LR[:STEPS], got {spec!r}")
-    return parts[0], float(parts[1]), int(parts[2]) if len(parts) == 3 else default_steps
+    try:
+        method = method_named(parts[0])
+    except KeyError as error:
+        raise SystemExit(error.args[0]) from None
+    return method, float(parts[1]), int(parts[2]) if len(parts) == 3 else default_steps
 
 
 def seed_list(text: str) -> list[int]:
@@ -77,8 +83,13 @@ def main() -> int:
     parser.add_argument("--base", type=Path, help="attack: the merged aligned model to attack")
     parser.add_argument("--data", default="task", help="attack: task or identity_shift")
     parser.add_argument("--save-merged", action="store_true", help="align: keep the merged model of each run")
-    parser.add_argument("--seeds", type=seed_list, default=[0], metavar="0,1,2",
-                        help="training seeds (data order, adapter init); with several, a mean ± sd table follows")
+    parser.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=[0],
+        metavar="0,1,2",
+        help="training seeds (data order, adapter init); with several, a mean ± sd table follows",
+    )
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if args.threads:
@@ -87,12 +98,14 @@ def main() -> int:
     default_steps = config.align_steps if args.stage == "align" else config.attack_steps
 
     if args.stage == "align":
+
         def load_model():
             return load(config.model, dtype=torch.float32)
 
         unit_map = cached_artifact(
             args.out / "align" / "unitmap_base.safetensors",
-            lambda: unit_map_of(*load_model(), config, scu=0.0, ucu=0.0, ru=config.redundant_fraction), UnitMap.load,
+            lambda: unit_map_of(*load_model(), config, config.alignment_fractions),
+            UnitMap.load,
         )
         records, stage_dir = alignment_records(config), args.out / "align"
     else:
@@ -101,13 +114,14 @@ def main() -> int:
 
         def load_model():
             return AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32), AutoTokenizer.from_pretrained(
-                args.base)
+                args.base
+            )
 
         stage_dir = args.out / "attack" / args.base.name
         unit_map = cached_artifact(
             stage_dir / "unitmap.safetensors",
-            lambda: unit_map_of(*load_model(), config, scu=config.scu_fraction, ucu=config.ucu_fraction,
-                                ru=config.ru_fraction), UnitMap.load,
+            lambda: unit_map_of(*load_model(), config, config.unit_fractions),
+            UnitMap.load,
         )
         records, stage_dir = attack_records(args.data, config), stage_dir / args.data
 
@@ -117,13 +131,12 @@ def main() -> int:
         seed_suffix = f"-seed{seed}" if seed else ""  # seed 0 keeps the names of earlier runs
         for spec in args.runs:
             method, lr, steps = parse_run(spec, default_steps)
-            run_dir = stage_dir / f"{method}-lr{lr:g}-s{steps}{seed_suffix}"
+            run_dir = stage_dir / f"{method.name}-lr{lr:g}-s{steps}{seed_suffix}"
 
             def compute(method=method, lr=lr, steps=steps, run_dir=run_dir, seeded=seeded):
                 print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
                 model, tokenizer = load_model()
-                units = method_units(unit_map, method)
-                model, info = finetune(model, tokenizer, records, method, steps, lr, seeded, run_dir, units)
+                model, info = finetune(model, tokenizer, records, method, steps, lr, seeded, run_dir, unit_map)
                 if args.save_merged:
                     merged = merged_model(model)
                     merged.save_pretrained(run_dir / "merged")
@@ -133,7 +146,7 @@ def main() -> int:
             result = cached_result(run_dir / "result.json", compute)
             data = args.data if args.stage == "attack" else "align"
             rows.append(table_row(args.stage, f"{data} lr={lr:g}{seed_suffix}", result))
-            by_run.setdefault(f"{method} {data} lr={lr:g} steps={steps}", []).append(result["metrics"])
+            by_run.setdefault(f"{method.name} {data} lr={lr:g} steps={steps}", []).append(result["metrics"])
     print("\n".join([*TABLE_HEADER, *rows]))
     if len(args.seeds) > 1:
         print(f"\nMean ± standard deviation over seeds {', '.join(map(str, args.seeds))}:\n")

@@ -29,9 +29,9 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
 from ssah_peft import score_units
 
 
@@ -141,11 +141,15 @@ def main() -> None:
             f"scored) over {world} process(es); {args.repeats} interleaved repeats, {torch.get_num_threads()} "
             "threads per process\n"
         )
-        print("Ratios to the plain forward: median over repeats of the ratio within a repeat, and ratio of the "
-              "minimums. CPU time (process time, process 0) is the robust figure on a shared machine; it counts "
-              "spinning threads too. Peak: process 0's resident set above the start of the run.\n")
-        print("| run | wall median s | wall ratio (paired) | wall ratio (min) | CPU median s | CPU ratio (paired) | "
-              "tokens/s | peak MiB |")
+        print(
+            "Ratios to the plain forward: median over repeats of the ratio within a repeat, and ratio of the "
+            "minimums. CPU time (process time, process 0) is the robust figure on a shared machine; it counts "
+            "spinning threads too. Peak: process 0's resident set above the start of the run.\n"
+        )
+        print(
+            "| run | wall median s | wall ratio (paired) | wall ratio (min) | CPU median s | CPU ratio (paired) | "
+            "tokens/s | peak MiB |"
+        )
         print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         plain = "plain forward (no grad)"
         for name in names:

@@ -18,7 +18,6 @@ frozen but the input embeddings' output requiring grad: forward plus activation 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import random
@@ -27,30 +26,54 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from peft import LoraConfig, ShiraConfig, get_peft_model, prepare_model_for_kbit_training
+from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
+from peft import ShiraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-from ssah_peft import SSAHConfig
-
-from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
+from ssah_peft.experiments.methods import lora_config, protect_config, select_config
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 #: Llama-style shapes: a CI-fast toy, the embedded SmolLM2-135M, ~1B (Llama-3.2-1B) and ~7B (Llama-2-7B) widths.
 SIZES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=4, vocab_size=1024),
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=1024,
+    ),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
 }
 
 
@@ -70,7 +93,10 @@ class Setup:
 def random_units(config: Any, fraction: float, seed: int = 0) -> dict[int, dict[str, list[int]]]:
     """``fraction`` of the MLP neurons and of the attention channels of every layer, drawn at random."""
     generator = torch.Generator().manual_seed(seed)
-    widths = {"mlp": config.intermediate_size, "attn": config.num_attention_heads * (config.hidden_size // config.num_attention_heads)}
+    widths = {
+        "mlp": config.intermediate_size,
+        "attn": config.num_attention_heads * (config.hidden_size // config.num_attention_heads),
+    }
     units = {}
     for layer in range(config.num_hidden_layers):
         units[layer] = {
@@ -88,30 +114,29 @@ def trainable_count(config: Any, peft_config: Any) -> int:
 
 def lora_equal_fraction(config: Any) -> float:
     """The select-mode unit fraction whose trainable parameter count equals LoRA r=16 on all projections."""
-    target = trainable_count(config, LoraConfig(r=16, target_modules=PROJECTIONS))
+    target = trainable_count(config, lora_config(rank=16))
     fraction = 0.05
     for _ in range(3):  # the count is close to linear in the fraction; two corrections land within a few units
-        count = trainable_count(config, SSAHConfig(units=random_units(config, fraction), mode="select"))
+        count = trainable_count(config, select_config(random_units(config, fraction)))
         fraction *= target / count
     return fraction
 
 
 def method_table(config: Any) -> dict[str, Callable[[], Any] | None]:
-    """Method name → the peft config (None: full fine-tuning or the frozen floor)."""
+    """Method name → the peft config (None: full fine-tuning or the frozen floor). LoRA, select and protect are
+    built as the experiments' method table builds them (``ssah_peft.experiments.methods``), on random units."""
     equal = lora_equal_fraction(config)
     return {
         "floor": None,
         "full": None,
-        **{f"lora r={r}": (lambda r=r: LoraConfig(r=r, lora_alpha=2 * r, target_modules=PROJECTIONS)) for r in (8, 16, 64)},
+        **{f"lora r={r}": (lambda r=r: lora_config(rank=r)) for r in (8, 16, 64)},
         "shira r=16": lambda: ShiraConfig(r=16, target_modules=PROJECTIONS),
         **{
-            f"ssah select {round(f * 100)}%": (lambda f=f: SSAHConfig(units=random_units(config, f), mode="select"))
+            f"ssah select {round(f * 100)}%": (lambda f=f: select_config(random_units(config, f)))
             for f in (0.01, 0.05, 0.20)
         },
-        f"ssah select {equal * 100:.1f}% (=LoRA r16 params)": lambda: SSAHConfig(
-            units=random_units(config, equal), mode="select"
-        ),
-        "ssah protect r=16 (7.5% units)": lambda: SSAHConfig(units=random_units(config, 0.075), mode="protect", r=16),
+        f"ssah select {equal * 100:.1f}% (=LoRA r16 params)": lambda: select_config(random_units(config, equal)),
+        "ssah protect r=16 (7.5% units)": lambda: protect_config(random_units(config, 0.075), rank=16),
     }
 
 
@@ -242,9 +267,24 @@ def run(
 
 def memory_in_subprocess(setup: Setup, checkpoint: Path, name: str) -> int:
     command = [
-        sys.executable, __file__, "--size", setup.size, "--dtype", str(setup.dtype).removeprefix("torch."),
-        "--quant", setup.quant, "--device", setup.device, "--batch", str(setup.batch), "--seq", str(setup.seq),
-        "--checkpoint", str(checkpoint), "--memory-of", name,
+        sys.executable,
+        __file__,
+        "--size",
+        setup.size,
+        "--dtype",
+        str(setup.dtype).removeprefix("torch."),
+        "--quant",
+        setup.quant,
+        "--device",
+        setup.device,
+        "--batch",
+        str(setup.batch),
+        "--seq",
+        str(setup.seq),
+        "--checkpoint",
+        str(checkpoint),
+        "--memory-of",
+        name,
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return int(done.stdout.strip().splitlines()[-1])
@@ -265,9 +305,7 @@ def report(setup: Setup, rows: list[dict[str, Any]]) -> str:
     for row in rows:
         overhead = row["step_s_median"] - floor["step_s_median"]
         peak = row.get("peak_memory_bytes")
-        peak_cells = (
-            f"{peak / 2**20:.0f} | {peak / lora['peak_memory_bytes']:.2f}" if peak is not None else "- | -"
-        )
+        peak_cells = f"{peak / 2**20:.0f} | {peak / lora['peak_memory_bytes']:.2f}" if peak is not None else "- | -"
         lines.append(
             f"| {row['method']} | {row['trainable_params']:,} | {row['optimizer_state_bytes'] / 2**20:.1f} | "
             f"{row['step_s_median']:.4f} | {row['step_s_median'] / lora['step_s_median']:.2f} | "
@@ -299,8 +337,11 @@ def plot(setup: Setup, rows: list[dict[str, Any]], path: Path) -> Path:
             ax.text(ratio, y, f" {ratio:.2f}", va="center", fontsize="small")
         ax.invert_yaxis()
         ax.set_xlabel(label)
-    figure.suptitle(f"{setup.size} {str(setup.dtype).removeprefix('torch.')} {setup.quant} {setup.device}, "
-                    f"batch {setup.batch}x{setup.seq}", fontsize="medium")
+    figure.suptitle(
+        f"{setup.size} {str(setup.dtype).removeprefix('torch.')} {setup.quant} {setup.device}, "
+        f"batch {setup.batch}x{setup.seq}",
+        fontsize="medium",
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -111,7 +111,9 @@ def main() -> None:
         disable_tqdm=True,
         seed=0,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
+    )
     trainer.train()
     state = trainer.accelerator.state
     adapter = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}

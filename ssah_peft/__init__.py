@@ -4,7 +4,13 @@ Importing the package registers the ``SSAH`` method with peft, so ``get_peft_mod
 ``PeftModel.from_pretrained`` and transformers' ``load_adapter`` know it.
 """
 
-from . import data, evaluate, models
+from . import (
+    analysis,  # noqa: E402  (after the modules it builds on)
+    data,
+    evaluate,
+    models,
+)
+from ._version import __version__ as __version__
 from .data import load_builtin
 from .evaluate import run_evaluation
 from .quantization import dense_weight, disable_cpu_4bit_repacking
@@ -21,10 +27,6 @@ from .scoring import (
 from .tuner import SSAHConfig, SSAHLayer, SSAHLinear, SSAHModel, merge_and_dequantize
 from .unit_map import UNIT_TYPES, Migration, UnitMap
 from .units import ARCHITECTURES, ArchitectureSpec, BlockSpec, ProjectionPart, resolve_architecture, unit_slices
-
-from . import analysis  # noqa: E402  (after the modules it builds on)
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",

@@ -64,6 +64,32 @@ def read_safetensors(path: Union[str, Path], what: str) -> Iterator[Any]:
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
 
 
+def check_format(
+    path: Union[str, Path], header: Mapping[str, str], *, name: str, version: str, what: str, advice: str = ""
+) -> None:
+    """Refuse a file whose header does not declare format ``name`` at ``version``; ``what`` says what the file
+    should be (``"unit map"``), ``advice`` ends the version error (how to get a file of this version)."""
+    if header.get("format") != name:
+        raise ValueError(f"{path} is not an ssah-peft {what} (format: {header.get('format')!r})")
+    if header.get("format_version") != version:
+        raise ValueError(
+            f"{path} has {what} format version {header.get('format_version')!r}; this ssah-peft reads "
+            f"version {version}{advice}"
+        )
+
+
+def write_json(path: Union[str, Path], data: Any, indent: Union[int, None] = 2) -> Path:
+    """Write ``data`` as a JSON file (UTF-8, newline-terminated) atomically; returns the path."""
+    path = Path(path)
+    write_atomic(path, (json.dumps(data, indent=indent) + "\n").encode("utf-8"))
+    return path
+
+
+def read_json(path: Union[str, Path]) -> Any:
+    """The content of a JSON file written by :func:`write_json` (or by hand)."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def write_atomic(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, then remove temporary files that killed saves of ``path`` left."""
     path = Path(path)

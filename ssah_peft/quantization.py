@@ -53,15 +53,24 @@ def disable_cpu_4bit_repacking(model: nn.Module) -> None:
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The weight of a linear-like layer as a float ``[out_features, in_features]`` tensor.
+    """The weight of a linear-like layer as a float ``[out_features, in_features]`` tensor, for reading.
 
-    Quantized layers are dequantized through peft's quantization backend (a new tensor); for ``nn.Linear`` the
-    parameter data itself is returned and for ``Conv1D`` its transposed view, so callers must not modify it.
+    Quantized layers are dequantized through peft's quantization backend (a new tensor); for ``nn.Linear`` and
+    ``Conv1D`` the result shares the parameter's storage, so it must not be modified: a caller that means to
+    write the weight uses :func:`writable_weight`.
     Call :func:`disable_cpu_4bit_repacking` on the model before its first forward when it holds 4-bit layers.
     """
     backend = resolve_quantization_backend(module)
     if backend is not None:
         return backend.get_base_weight(module)
+    return writable_weight(module)
+
+
+def writable_weight(module: nn.Module) -> torch.Tensor:
+    """The stored weight of an ``nn.Linear`` or ``Conv1D`` as an ``[out_features, in_features]`` view that writes
+    through to the parameter (in place, outside autograd). Quantized weights have no such view."""
+    if resolve_quantization_backend(module) is not None:
+        raise TypeError(f"{type(module).__name__} stores a quantized weight; it has no writable float view")
     if isinstance(module, Conv1D):
         return module.weight.detach().T
     if isinstance(module, nn.Linear):

@@ -19,17 +19,25 @@ selection needs, so nothing outside the selection is trained).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from torch import nn
 
 BlockKind = Literal["mlp", "attn"]
 BLOCK_KINDS: tuple[str, ...] = ("mlp", "attn")
 Axis = Literal["in", "out"]
 ShareRule = Literal["any", "all"]
 UnitParts = Literal["out_proj", "all"]
+
+#: One tensor per unit of every block: ``per_block[kind][layer][unit]`` (scores, unit types, statistics).
+PerBlock = dict[str, tuple[torch.Tensor, ...]]
+#: Unit sets in normal form, as ``adapter_config.json`` stores them: ``{"<layer>": {"mlp": [...], "attn": [...]}}``
+#: with sorted, unique indices (:func:`union_units`).
+UnitsDict = dict[str, dict[str, list[int]]]
 
 #: How the rows of an input-side part map to units (see module docstring).
 #: ``channel``: row i belongs to unit i. ``head``: rows of query head h belong to its head_dim channels.
@@ -237,6 +245,30 @@ def resolve_architecture(config: Any) -> ArchitectureSpec:
     return ARCHITECTURES[model_type](text_config)
 
 
+def model_shapes(model: nn.Module, spec: ArchitectureSpec) -> dict[str, Any]:
+    """Layer count, hidden size and per-layer block widths, read from the output projections."""
+    widths: dict[str, dict[int, int]] = {}
+    hidden: set[int] = set()
+    for kind, layer, _, module in spec.output_projections(model):
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        in_features, out_features = _get_in_out_features(base)
+        widths.setdefault(kind, {})[layer] = int(in_features)
+        hidden.add(int(out_features))
+    found = {kind: sorted(widths.get(kind, {})) for kind in spec.blocks}
+    num_layers = len(next(iter(found.values())))
+    if num_layers == 0 or any(layers != list(range(num_layers)) for layers in found.values()):
+        raise ValueError(
+            f"The architecture spec (layers={spec.layers!r}, output projections "
+            f"{ {k: b.out_proj for k, b in spec.blocks.items()} }) does not match this model's modules "
+            f"(layers found per block: {found}). Pass SSAHConfig(architecture=...) describing this model."
+        )
+    return {
+        "num_layers": num_layers,
+        "hidden_sizes": sorted(hidden),
+        "widths": {kind: [w[i] for i in range(num_layers)] for kind, w in widths.items()},
+    }
+
+
 # ----------------------------------------------------------------------------------------------------
 # From units to slices
 # ----------------------------------------------------------------------------------------------------
@@ -306,3 +338,24 @@ def unit_slices(
         if merged.numel():
             result[module] = ("out", merged)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Unit sets
+# ----------------------------------------------------------------------------------------------------
+
+
+def union_units(*unit_sets: Mapping[Any, Mapping[str, Iterable[int]]]) -> UnitsDict:
+    """The union of unit sets ``{layer: {kind: indices}}``, in normal form: ``{str(layer): {kind: sorted unique
+    indices}}``.
+
+    Layer keys may be ints or strings of ints; indices any iterable of integers (a list, a tensor). Every layer and
+    kind named by any set is kept, also with no index, in the order first named. With one set this normalises it.
+    """
+    merged: dict[str, dict[str, set[int]]] = {}
+    for unit_set in unit_sets:
+        for layer, blocks in unit_set.items():
+            per_layer = merged.setdefault(str(int(layer)), {})
+            for kind, indices in blocks.items():
+                per_layer.setdefault(kind, set()).update(int(i) for i in indices)
+    return {layer: {kind: sorted(indices) for kind, indices in blocks.items()} for layer, blocks in merged.items()}

@@ -18,7 +18,6 @@ from conftest import tiny_model, tiny_tokenizer, tiny_units
 from test_unit_map import SAFETY_TOKENS, planted_llama, planted_units, random_scores
 
 from ssah_peft import UnitMap, UnitScores, dense_weight, disable_cpu_4bit_repacking, resolve_architecture, unit_slices
-from ssah_peft.cli import analysis as commands
 from ssah_peft.analysis import (
     AblationRow,
     AblationTable,
@@ -37,6 +36,7 @@ from ssah_peft.analysis import (
     top_units,
 )
 from ssah_peft.analysis.scan import DEFAULT_TOLERANCES
+from ssah_peft.cli import analysis as commands
 from ssah_peft.cli import main
 from ssah_peft.data import load_builtin
 from ssah_peft.evaluate import perplexity
@@ -185,7 +185,7 @@ def direct_distance(model, query: list[int], appended: list[int], mean: bool) ->
     result = []
     for hq, ha in zip(q, a):
         x = hq[0, -1].double()
-        y = ha[0, len(query):].double().mean(0) if mean else ha[0, -1].double()
+        y = ha[0, len(query) :].double().mean(0) if mean else ha[0, -1].double()
         result.append(1 - (x @ y) / (x.norm() * y.norm()))
     return torch.stack(result)
 
@@ -196,20 +196,31 @@ def test_probe_distances_equal_a_direct_computation(mean):
     tokenizer = tiny_tokenizer()
     prompts = ["How do I pick a lock?", "Tell me something bad", "x"]
     refusals, compliances = ["I'm sorry, no.", "I cannot."], ["Sure, here", "Of course:"]
-    result = probe_reasoning_direction(model, tokenizer, prompts, refusal_openings=refusals,
-                                       compliance_openings=compliances, max_appended=4, mean_over_appended=mean,
-                                       batch_size=3, show_progress=False)
+    result = probe_reasoning_direction(
+        model,
+        tokenizer,
+        prompts,
+        refusal_openings=refusals,
+        compliance_openings=compliances,
+        max_appended=4,
+        mean_over_appended=mean,
+        batch_size=3,
+        show_progress=False,
+    )
     assert result.refusal.shape == (3, 2, 4) and result.compliance.shape == (3, 2, 4)
     for p, prompt in enumerate(prompts):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         query = tokenizer(text, add_special_tokens=False)["input_ids"]
         for openings, distances in ((refusals, result.refusal), (compliances, result.compliance)):
             for k in range(1, 5):
-                expected = torch.stack([
-                    direct_distance(model, query, tokenizer(o, add_special_tokens=False)["input_ids"][:k], mean)
-                    for o in openings
-                ]).mean(0)
+                expected = torch.stack(
+                    [
+                        direct_distance(model, query, tokenizer(o, add_special_tokens=False)["input_ids"][:k], mean)
+                        for o in openings
+                    ]
+                ).mean(0)
                 torch.testing.assert_close(distances[p, :, k - 1], expected, atol=1e-5, rtol=1e-4)
     preference = result.refusal_preference()
     assert ((preference >= 0) & (preference <= 1)).all()
@@ -218,8 +229,14 @@ def test_probe_distances_equal_a_direct_computation(mean):
 
 def test_probe_rejects_openings_shorter_than_max_appended():
     with pytest.raises(ValueError, match="shorter than max_appended"):
-        probe_reasoning_direction(tiny_model("llama", vocab_size=128), tiny_tokenizer(), ["q"],
-                                  refusal_openings=["no"], max_appended=5, show_progress=False)
+        probe_reasoning_direction(
+            tiny_model("llama", vocab_size=128),
+            tiny_tokenizer(),
+            ["q"],
+            refusal_openings=["no"],
+            max_appended=5,
+            show_progress=False,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,8 +247,10 @@ def test_probe_rejects_openings_shorter_than_max_appended():
 def model_scores(model, seed: int) -> UnitScores:
     fingerprint = model_fingerprint(model)
     generator = torch.Generator().manual_seed(seed)
-    scores = {kind: tuple(torch.rand(w, generator=generator, dtype=torch.float64) for w in widths)
-              for kind, widths in fingerprint["widths"].items()}
+    scores = {
+        kind: tuple(torch.rand(w, generator=generator, dtype=torch.float64) for w in widths)
+        for kind, widths in fingerprint["widths"].items()
+    }
     return UnitScores(scores=scores, method="variance", num_tokens=1, num_sequences=1, fingerprint=fingerprint)
 
 
@@ -244,23 +263,34 @@ def test_scan_stops_at_the_first_fraction_beyond_tolerance(tmp_path):
 
     def zeroed_share(m) -> dict[str, float]:
         """Synthetic metric: the share of output-projection columns that are zero, and which they are."""
-        zero = {(layer, kind): torch.nonzero((dense_weight(module) == 0).all(0)).flatten().tolist()
-                for kind, layer, _, module in spec.output_projections(m)}
+        zero = {
+            (layer, kind): torch.nonzero((dense_weight(module) == 0).all(0)).flatten().tolist()
+            for kind, layer, _, module in spec.output_projections(m)
+        }
         seen.append(zero)
         return {"zeroed": sum(len(v) for v in zero.values()) / 160}
 
     unit_map = UnitMap.from_scores(safety, utility)
-    result = degradation_scan(model, None, safety, utility, "SCU", fractions=[0.2, 0.05, 0.1, 0.15],
-                              metric_fn=zeroed_share, tolerance={"zeroed": 0.12}, unit_map=unit_map,
-                              show_progress=False)
+    result = degradation_scan(
+        model,
+        None,
+        safety,
+        utility,
+        "SCU",
+        fractions=[0.2, 0.05, 0.1, 0.15],
+        metric_fn=zeroed_share,
+        tolerance={"zeroed": 0.12},
+        unit_map=unit_map,
+        show_progress=False,
+    )
     assert result.fractions == [0.05, 0.1, 0.15]  # 8, 16, 24 units: 24/160 > 0.12 stops the scan
     assert result.chosen_fraction == 0.1
     assert [m["zeroed"] for m in result.metrics] == [0.05, 0.1, 0.15]
     # each step ablated exactly the units with the largest I_S - I_U
     expected = top_units(safety, utility, "SCU", 0.1)
     assert seen[2] == {(int(layer), kind): idx for layer, blocks in expected.items() for kind, idx in blocks.items()}
-    difference = torch.cat([safety[l, k] - utility[l, k] for l in range(2) for k in ("mlp", "attn")])
-    chosen = torch.cat([(safety[l, k] - utility[l, k])[expected[str(l)][k]] for l in range(2) for k in ("mlp", "attn")])
+    difference = torch.cat([safety[i, k] - utility[i, k] for i in range(2) for k in ("mlp", "attn")])
+    chosen = torch.cat([(safety[i, k] - utility[i, k])[expected[str(i)][k]] for i in range(2) for k in ("mlp", "attn")])
     assert chosen.min() >= difference.sort(descending=True).values[15]
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     unit_map.save(tmp_path / "map.safetensors")
@@ -280,13 +310,17 @@ def assert_figure(png: Path, rows: int) -> None:
 
 def synthetic_probe() -> ProbeResult:
     generator = torch.Generator().manual_seed(0)
-    return ProbeResult(refusal=torch.rand(5, 4, 3, generator=generator, dtype=torch.float64) * 0.5,
-                       compliance=torch.rand(5, 4, 3, generator=generator, dtype=torch.float64) * 0.5 + 0.3)
+    return ProbeResult(
+        refusal=torch.rand(5, 4, 3, generator=generator, dtype=torch.float64) * 0.5,
+        compliance=torch.rand(5, 4, 3, generator=generator, dtype=torch.float64) * 0.5 + 0.3,
+    )
 
 
 def synthetic_table() -> AblationTable:
-    rows = [AblationRow(name, 10 * i, 0.01 * i, 0.1 * i, 0.05, 0.5 - 0.05 * i, 5.0 + i, 1.0)
-            for i, name in enumerate(["none", "SCU", "UCU", "random (SCU-sized)"])]
+    rows = [
+        AblationRow(name, 10 * i, 0.01 * i, 0.1 * i, 0.05, 0.5 - 0.05 * i, 5.0 + i, 1.0)
+        for i, name in enumerate(["none", "SCU", "UCU", "random (SCU-sized)"])
+    ]
     return AblationTable(rows=rows)
 
 
@@ -309,11 +343,23 @@ def synthetic_scans() -> list[ScanResult]:
         return [{"refusal_rate": r, "mean_nll": n} for r, n in values]
 
     return [
-        ScanResult("RU", baseline, [0.01, 0.05, 0.1], steps((0.9, 2.02), (0.85, 2.05), (0.8, 2.3)),
-                   DEFAULT_TOLERANCES["RU"], chosen_fraction=0.05),
+        ScanResult(
+            "RU",
+            baseline,
+            [0.01, 0.05, 0.1],
+            steps((0.9, 2.02), (0.85, 2.05), (0.8, 2.3)),
+            DEFAULT_TOLERANCES["RU"],
+            chosen_fraction=0.05,
+        ),
         ScanResult("SCU", baseline, [0.01], steps((0.4, 2.2)), DEFAULT_TOLERANCES["SCU"], chosen_fraction=0.0),
-        ScanResult("UCU", baseline, [0.01, 0.05], steps((0.88, 2.5), (0.85, 3.0)), DEFAULT_TOLERANCES["UCU"],
-                   chosen_fraction=0.05),
+        ScanResult(
+            "UCU",
+            baseline,
+            [0.01, 0.05],
+            steps((0.88, 2.5), (0.85, 3.0)),
+            DEFAULT_TOLERANCES["UCU"],
+            chosen_fraction=0.05,
+        ),
     ]
 
 
@@ -323,8 +369,11 @@ def test_scan_figure_has_a_csv_row_per_scan_step(tmp_path):
     assert_figure(png, rows=sum(1 + len(scan.fractions) for scan in scans))
     with open(png.with_suffix(".csv"), encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    expected = [(scan, fraction, values) for scan in scans
-                for fraction, values in zip([0.0, *scan.fractions], [scan.baseline, *scan.metrics])]
+    expected = [
+        (scan, fraction, values)
+        for scan in scans
+        for fraction, values in zip([0.0, *scan.fractions], [scan.baseline, *scan.metrics])
+    ]
     for row, (scan, fraction, values) in zip(rows, expected):
         assert (row["criterion"], float(row["fraction"])) == (scan.criterion, fraction)
         assert {name: float(row[name]) for name in values} == values
@@ -343,13 +392,28 @@ def test_report_assembles_a_run_directory(tmp_path):
     synthetic_table().save(tmp_path / "ablation.json")
     UnitMap.from_scores(random_scores(0), random_scores(10)).save(tmp_path / "unitmap_before.safetensors")
     UnitMap.from_scores(random_scores(1), random_scores(11)).save(tmp_path / "unitmap_after.safetensors")
-    (tmp_path / "scan_RU.json").write_text(json.dumps(
-        {"criterion": "RU", "baseline": {"m": 1.0}, "fractions": [0.1], "metrics": [{"m": 1.0}],
-         "tolerances": {"m": 0.1}, "chosen_fraction": 0.1}))
+    (tmp_path / "scan_RU.json").write_text(
+        json.dumps(
+            {
+                "criterion": "RU",
+                "baseline": {"m": 1.0},
+                "fractions": [0.1],
+                "metrics": [{"m": 1.0}],
+                "tolerances": {"m": 0.1},
+                "chosen_fraction": 0.1,
+            }
+        )
+    )
     assert main(["report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    for heading in ("probe", "Unit ablation", "Degradation scan curves", "Degradation scan: RU", "unitmap_before",
-                    "migration"):
+    for heading in (
+        "probe",
+        "Unit ablation",
+        "Degradation scan curves",
+        "Degradation scan: RU",
+        "unitmap_before",
+        "migration",
+    ):
         assert heading in report
     assert "prefers refusal in 4 of 4 blocks" in report
     for name in ("probe", "ablation", "scan", "unitmap_before", "unitmap_after", "migration"):
@@ -381,26 +445,39 @@ def command_run(tmp_path_factory) -> SimpleNamespace:
     common = ["--model", str(checkpoint), "--out-dir", str(run_dir), "--no-progress"]
     arguments = {
         "probe": ["--limit", str(PROBE_PROMPTS), "--max-appended", str(MAX_APPENDED)],
-        "ablate": ["--unit-map", str(run_dir / "unitmap_before.safetensors"), "--limit", str(EVAL_LIMIT),
-                   "--max-new-tokens", "2"],
-        "scan": ["--unit-map", str(run_dir / "unitmap_before.safetensors"), "--limit", str(EVAL_LIMIT),
-                 "--fractions", *map(str, SCAN_FRACTIONS), "--out-map", str(run_dir / "unitmap_after.safetensors")],
+        "ablate": [
+            "--unit-map",
+            str(run_dir / "unitmap_before.safetensors"),
+            "--limit",
+            str(EVAL_LIMIT),
+            "--max-new-tokens",
+            "2",
+        ],
+        "scan": [
+            "--unit-map",
+            str(run_dir / "unitmap_before.safetensors"),
+            "--limit",
+            str(EVAL_LIMIT),
+            "--fractions",
+            *map(str, SCAN_FRACTIONS),
+            "--out-map",
+            str(run_dir / "unitmap_after.safetensors"),
+        ],
     }
     loaded, printed = {}, {}
-    load = commands._load
+    load = commands.load_model
 
     def keep(args):
         loaded[args.command], tokenizer = load(args)
         return loaded[args.command], tokenizer
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(commands, "_load", keep)
+        patch.setattr(commands, "load_model", keep)
         for command, extra in arguments.items():
             with redirect_stdout(io.StringIO()) as out:
                 assert main([command, *common, *extra]) == 0
             printed[command] = out.getvalue()
-    return SimpleNamespace(checkpoint=checkpoint, run_dir=run_dir, unit_map=unit_map, loaded=loaded,
-                           printed=printed)
+    return SimpleNamespace(checkpoint=checkpoint, run_dir=run_dir, unit_map=unit_map, loaded=loaded, printed=printed)
 
 
 def assert_unchanged(model, checkpoint: Path) -> None:
@@ -418,8 +495,9 @@ def test_probe_command_writes_the_distances_of_the_first_prompts(command_run):
     for distances in (result.refusal, result.compliance):
         assert torch.isfinite(distances).all() and (distances >= 0).all() and (distances <= 2).all()
     prompts = [r["prompt"] for r in load_builtin("harmful_eval")][:PROBE_PROMPTS]
-    direct = probe_reasoning_direction(command_run.loaded["probe"], tiny_tokenizer(), prompts,
-                                       max_appended=MAX_APPENDED, show_progress=False)
+    direct = probe_reasoning_direction(
+        command_run.loaded["probe"], tiny_tokenizer(), prompts, max_appended=MAX_APPENDED, show_progress=False
+    )
     torch.testing.assert_close(result.refusal, direct.refusal)
     torch.testing.assert_close(result.compliance, direct.compliance)
     assert f"The model {result.verdict()}" in command_run.printed["probe"]
@@ -430,10 +508,15 @@ def test_probe_command_writes_the_distances_of_the_first_prompts(command_run):
 def test_ablate_command_measures_every_type_and_leaves_the_model_intact(command_run):
     table = AblationTable.load(command_run.run_dir / "ablation.json")
     unit_map = command_run.unit_map
-    sizes = {t: sum(len(i) for blocks in unit_map.units_of(t).values() for i in blocks.values())
-             for t in ("SCU", "UCU", "RU", "CU")}
+    sizes = {
+        t: sum(len(i) for blocks in unit_map.units_of(t).values() for i in blocks.values())
+        for t in ("SCU", "UCU", "RU", "CU")
+    }
     assert [(r.name, r.num_units) for r in table.rows] == [
-        ("none", 0), *sizes.items(), ("random (SCU-sized)", sizes["SCU"])]
+        ("none", 0),
+        *sizes.items(),
+        ("random (SCU-sized)", sizes["SCU"]),
+    ]
     for row in table.rows:
         assert row.share == row.num_units / 160
         assert all(0 <= value <= 1 for value in (row.asr, row.overrefusal, row.accuracy))
@@ -470,9 +553,11 @@ def test_scan_command_writes_each_criterion_the_figure_and_the_resized_map(comma
     resized = UnitMap.load(run_dir / "unitmap_after.safetensors")
     resized.check_model(command_run.loaded["scan"])
     assert {k: resized.settings[k] for k in ("ru", "scu", "ucu")} == {
-        scan.criterion.lower(): scan.chosen_fraction for scan in scans}
+        scan.criterion.lower(): scan.chosen_fraction for scan in scans
+    }
     assert {c: s["chosen_fraction"] for c, s in resized.metadata["scan"].items()} == {
-        scan.criterion: scan.chosen_fraction for scan in scans}
+        scan.criterion: scan.chosen_fraction for scan in scans
+    }
     for scan in scans:
         assert f"{scan.criterion}: chosen fraction {scan.chosen_fraction}" in command_run.printed["scan"]
 
@@ -490,6 +575,8 @@ def test_report_command_assembles_the_command_outputs(command_run):
     for name in ("probe", "ablation", "scan", "unitmap_before", "unitmap_after", "migration"):
         assert f"](figures/{name}.png)" in report and f"](figures/{name}.csv)" in report
         assert (run_dir / "figures" / f"{name}.png").stat().st_size > 1000
-    with open(run_dir / "figures" / "scan.csv", encoding="utf-8") as f, open(run_dir / "scan.csv",
-                                                                              encoding="utf-8") as g:
+    with (
+        open(run_dir / "figures" / "scan.csv", encoding="utf-8") as f,
+        open(run_dir / "scan.csv", encoding="utf-8") as g,
+    ):
         assert f.read() == g.read()  # the report redraws the command's figure from the saved results

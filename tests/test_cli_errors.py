@@ -17,10 +17,12 @@ import torch
 from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 
-from ssah_peft import UnitMap, UnitScores, cli, demo, models
+from ssah_peft import UnitMap, UnitScores, models
 from ssah_peft.cli import analysis as commands
 from ssah_peft.cli import build_parser, main, read_pairs
 from ssah_peft.cli import demo as demo_cli
+from ssah_peft.cli import units as units_cli
+from ssah_peft.experiments import demo
 from ssah_peft.scoring import PARTIAL_FILE_FORMAT, model_fingerprint
 
 
@@ -46,8 +48,10 @@ def loads(monkeypatch) -> list[str]:
 def model_scores(model, seed: int) -> UnitScores:
     fingerprint = model_fingerprint(model)
     generator = torch.Generator().manual_seed(seed)
-    scores = {kind: tuple(torch.rand(w, generator=generator, dtype=torch.float64) for w in widths)
-              for kind, widths in fingerprint["widths"].items()}
+    scores = {
+        kind: tuple(torch.rand(w, generator=generator, dtype=torch.float64) for w in widths)
+        for kind, widths in fingerprint["widths"].items()
+    }
     return UnitScores(scores=scores, method="variance", num_tokens=1, num_sequences=1, fingerprint=fingerprint)
 
 
@@ -73,7 +77,8 @@ def snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
     """Every file and folder under ``roots`` with its bytes and modification time."""
     return {
         str(path): (path.read_bytes(), path.stat().st_mtime_ns) if path.is_file() else (b"<dir>", 0)
-        for root in roots for path in sorted(root.rglob("*"))
+        for root in roots
+        for path in sorted(root.rglob("*"))
     }
 
 
@@ -92,8 +97,17 @@ def refused(capsys, argv: list[str], status: int = 2) -> str:
 
 def score_command(files, *extra: str) -> list[str]:
     checkpoint, data, _, _ = files
-    return ["score", "--model", str(checkpoint), "--safety-data", str(data), "--utility-data", str(data),
-            "--no-progress", *extra]
+    return [
+        "score",
+        "--model",
+        str(checkpoint),
+        "--safety-data",
+        str(data),
+        "--utility-data",
+        str(data),
+        "--no-progress",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,14 +140,29 @@ def partial_file(path: Path) -> Path:
 
 @pytest.mark.parametrize(
     "case",
-    ["score-out-missing-dir", "score-out-dir", "score-plot-missing-dir", "score-plot-foreign", "score-out-is-plot",
-     "partial-out-foreign", "merge-out-is-input", "eval-out-file", "eval-out-foreign-report", "probe-out-file",
-     "ablate-out-file", "scan-out-file", "scan-out-map-missing-dir", "scan-out-map-foreign", "report-foreign-md",
-     "show-plot-foreign", "demo-run-dir-file"],
+    [
+        "score-out-missing-dir",
+        "score-out-dir",
+        "score-plot-missing-dir",
+        "score-plot-foreign",
+        "score-out-is-plot",
+        "partial-out-foreign",
+        "merge-out-is-input",
+        "eval-out-file",
+        "eval-out-foreign-report",
+        "probe-out-file",
+        "ablate-out-file",
+        "scan-out-file",
+        "scan-out-map-missing-dir",
+        "scan-out-map-foreign",
+        "report-foreign-md",
+        "show-plot-foreign",
+        "demo-run-dir-file",
+    ],
 )
 def test_outputs_are_checked_before_any_work(case, files, tmp_path, capsys, loads, monkeypatch):
     checkpoint, _, unit_map, _ = files
-    monkeypatch.setattr(cli, "merge_partial_scores", lambda paths: pytest.fail("merged"))
+    monkeypatch.setattr(units_cli, "merge_partial_scores", lambda paths: pytest.fail("merged"))
     foreign = tmp_path / "foreign.txt"
     foreign.write_text("not ours")
     missing = tmp_path / "missing" / "out.safetensors"
@@ -143,32 +172,68 @@ def test_outputs_are_checked_before_any_work(case, files, tmp_path, capsys, load
         "score-out-dir": (score_command(files, "--out", str(tmp_path)), [str(tmp_path), "folder"]),
         "score-plot-missing-dir": (
             score_command(files, "--out", str(tmp_path / "m.safetensors"), "--plot", str(tmp_path / "no" / "p.png")),
-            ["--plot", str(tmp_path / "no")]),
+            ["--plot", str(tmp_path / "no")],
+        ),
         "score-plot-foreign": (
             score_command(files, "--out", str(tmp_path / "m.safetensors"), "--plot", str(foreign)),
-            ["--plot", str(foreign), "--overwrite"]),
+            ["--plot", str(foreign), "--overwrite"],
+        ),
         "score-out-is-plot": (
             score_command(files, "--out", str(tmp_path / "m.safetensors"), "--plot", str(tmp_path / "m.safetensors")),
-            ["--plot", "--out"]),
+            ["--plot", "--out"],
+        ),
         "partial-out-foreign": (
-            score_command(files, "--shard", "0/2", "--partial-out", str(foreign)), ["--partial-out", str(foreign)]),
+            score_command(files, "--shard", "0/2", "--partial-out", str(foreign)),
+            ["--partial-out", str(foreign)],
+        ),
         "merge-out-is-input": (
-            ["units", "merge-scores", str(partial_file(tmp_path / "p0.safetensors")),
-             str(partial_file(tmp_path / "p1.safetensors")), "--out", str(tmp_path / "p0.safetensors")],
-            [str(tmp_path / "p0.safetensors"), "--overwrite"]),
+            [
+                "units",
+                "merge-scores",
+                str(partial_file(tmp_path / "p0.safetensors")),
+                str(partial_file(tmp_path / "p1.safetensors")),
+                "--out",
+                str(tmp_path / "p0.safetensors"),
+            ],
+            [str(tmp_path / "p0.safetensors"), "--overwrite"],
+        ),
         "eval-out-file": (["eval", *model, "--out", str(foreign)], ["--out", str(foreign), "not a folder"]),
         "eval-out-foreign-report": (["eval", *model, "--out", str(tmp_path)], [str(tmp_path / "report.json")]),
         "probe-out-file": (["probe", *model, "--out-dir", str(foreign)], ["--out-dir", str(foreign)]),
-        "ablate-out-file": (["ablate", *model, "--unit-map", str(unit_map), "--out-dir", str(foreign)],
-                            ["--out-dir", str(foreign)]),
-        "scan-out-file": (["scan", *model, "--unit-map", str(unit_map), "--out-dir", str(foreign)],
-                          ["--out-dir", str(foreign)]),
+        "ablate-out-file": (
+            ["ablate", *model, "--unit-map", str(unit_map), "--out-dir", str(foreign)],
+            ["--out-dir", str(foreign)],
+        ),
+        "scan-out-file": (
+            ["scan", *model, "--unit-map", str(unit_map), "--out-dir", str(foreign)],
+            ["--out-dir", str(foreign)],
+        ),
         "scan-out-map-missing-dir": (
-            ["scan", *model, "--unit-map", str(unit_map), "--out-dir", str(tmp_path / "run"), "--out-map",
-             str(missing)], ["--out-map", str(missing.parent)]),
+            [
+                "scan",
+                *model,
+                "--unit-map",
+                str(unit_map),
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--out-map",
+                str(missing),
+            ],
+            ["--out-map", str(missing.parent)],
+        ),
         "scan-out-map-foreign": (
-            ["scan", *model, "--unit-map", str(unit_map), "--out-dir", str(tmp_path / "run"), "--out-map",
-             str(foreign)], ["--out-map", str(foreign), "--overwrite"]),
+            [
+                "scan",
+                *model,
+                "--unit-map",
+                str(unit_map),
+                "--out-dir",
+                str(tmp_path / "run"),
+                "--out-map",
+                str(foreign),
+            ],
+            ["--out-map", str(foreign), "--overwrite"],
+        ),
         "report-foreign-md": (["report", str(tmp_path)], [str(tmp_path / "report.md"), "--overwrite"]),
         "show-plot-foreign": (["units", "show", str(unit_map), "--plot", str(foreign)], ["--plot", str(foreign)]),
         "demo-run-dir-file": (["demo", "--run-dir", str(foreign)], ["--run-dir", str(foreign)]),
@@ -193,8 +258,11 @@ def test_outputs_are_checked_before_any_work(case, files, tmp_path, capsys, load
         ("score", ["--ucu", "nan"], "--ucu"),
         ("score", ["--scu", "0.5", "--ucu", "0.4", "--ru", "0.2"], "--scu + --ucu + --ru"),
         ("score", ["--composite-fraction", "1.5"], "--composite-fraction"),
-        ("score", ["--scu", "0.3", "--ucu", "0.3", "--ru", "0.3", "--composite-fraction", "0.2"],
-         "--composite-fraction"),
+        (
+            "score",
+            ["--scu", "0.3", "--ucu", "0.3", "--ru", "0.3", "--composite-fraction", "0.2"],
+            "--composite-fraction",
+        ),
         ("score", ["--batch-size", "0"], "--batch-size"),
         ("score", ["--max-length", "0"], "--max-length"),
         ("score", ["--num-samples", "0"], "--num-samples"),
@@ -215,12 +283,17 @@ def test_outputs_are_checked_before_any_work(case, files, tmp_path, capsys, load
 )
 def test_options_are_checked_before_any_work(command, options, named, files, tmp_path, capsys, loads, monkeypatch):
     checkpoint, _, unit_map, _ = files
-    monkeypatch.setattr(cli, "merge_partial_scores", lambda paths: pytest.fail("merged"))
+    monkeypatch.setattr(units_cli, "merge_partial_scores", lambda paths: pytest.fail("merged"))
     model = ["--model", str(checkpoint), "--no-progress"]
     argv = {
         "score": score_command(files, "--out", str(tmp_path / "map.safetensors")),
-        "merge": ["units", "merge-scores", str(partial_file(tmp_path / "p.safetensors")), "--out",
-                  str(tmp_path / "map.safetensors")],
+        "merge": [
+            "units",
+            "merge-scores",
+            str(partial_file(tmp_path / "p.safetensors")),
+            "--out",
+            str(tmp_path / "map.safetensors"),
+        ],
         "eval": ["eval", *model, "--out", str(tmp_path / "eval")],
         "probe": ["probe", *model, "--out-dir", str(tmp_path / "run")],
         "ablate": ["ablate", *model, "--unit-map", str(unit_map), "--out-dir", str(tmp_path / "run")],
@@ -298,9 +371,22 @@ def test_scan_checks_the_unit_map_against_the_loaded_model_before_scanning(files
     monkeypatch.setattr(commands, "degradation_scan", lambda *a, **k: pytest.fail("scanned"))
     monkeypatch.setattr(commands, "cheap_metrics", lambda *a, **k: pytest.fail("metrics built"))
     run_dir = tmp_path / "run"
-    message = refused(capsys, ["scan", "--model", str(checkpoint), "--unit-map", str(other_map), "--out-dir",
-                               str(run_dir), "--out-map", str(tmp_path / "after.safetensors"), "--no-progress"],
-                      status=1)
+    message = refused(
+        capsys,
+        [
+            "scan",
+            "--model",
+            str(checkpoint),
+            "--unit-map",
+            str(other_map),
+            "--out-dir",
+            str(run_dir),
+            "--out-map",
+            str(tmp_path / "after.safetensors"),
+            "--no-progress",
+        ],
+        status=1,
+    )
     assert message.startswith(f"ssah-peft: error: {other_map}: ") and "Score this model instead" in message
     assert len(checked) == 1 and type(checked[0]).__name__ == "LlamaForCausalLM"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -319,24 +405,46 @@ def test_non_utf8_data_names_the_file_and_line(files, tmp_path, capsys, loads):
     bad.write_bytes(b'{"prompt": "a", "response": "b"}\n\n{"prompt": "' + NOT_UTF8 + b'", "response": "b"}\n')
     with pytest.raises(ValueError, match=r"latin1\.jsonl:3: .*UTF-8"):
         read_pairs(str(bad))
-    message = refused(capsys, ["score", "--model", str(checkpoint), "--safety-data", str(data), "--utility-data",
-                               str(bad), "--out", str(tmp_path / "m.safetensors")], status=1)
+    message = refused(
+        capsys,
+        [
+            "score",
+            "--model",
+            str(checkpoint),
+            "--safety-data",
+            str(data),
+            "--utility-data",
+            str(bad),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+        ],
+        status=1,
+    )
     assert re.search(rf"^ssah-peft: error: {re.escape(str(bad))}:3: .*UTF-8", message), message
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_bytes(b'{"prompt": "a"}\n{"prompt": "' + NOT_UTF8 + b'"}\n')
-    message = refused(capsys, ["probe", "--model", str(checkpoint), "--prompts", str(prompts), "--out-dir",
-                               str(tmp_path / "run")], status=1)
+    message = refused(
+        capsys,
+        ["probe", "--model", str(checkpoint), "--prompts", str(prompts), "--out-dir", str(tmp_path / "run")],
+        status=1,
+    )
     assert f"{prompts}:2: " in message and "UTF-8" in message
     prompts.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    message = refused(capsys, ["probe", "--model", str(checkpoint), "--prompts", str(prompts), "--out-dir",
-                               str(tmp_path / "run")], status=1)
+    message = refused(
+        capsys,
+        ["probe", "--model", str(checkpoint), "--prompts", str(prompts), "--out-dir", str(tmp_path / "run")],
+        status=1,
+    )
     assert f"{prompts}:2: " in message and "'prompt'" in message
 
     template = tmp_path / "template.jinja"
     template.write_bytes(b"{{ messages }}\n{# " + NOT_UTF8 + b" #}\n")
-    message = refused(capsys, [*score_command(files, "--out", str(tmp_path / "m.safetensors")), "--chat-template",
-                               str(template)], status=1)
+    message = refused(
+        capsys,
+        [*score_command(files, "--out", str(tmp_path / "m.safetensors")), "--chat-template", str(template)],
+        status=1,
+    )
     assert f"{template}:2: " in message and "UTF-8" in message
     assert loads == [] and not (tmp_path / "run").exists() and not (tmp_path / "m.safetensors").exists()
 
@@ -345,10 +453,19 @@ def test_unreadable_files_are_named_and_bugs_keep_their_traceback(files, tmp_pat
     checkpoint, _, unit_map, _ = files
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"this is not a safetensors file at all")
-    for argv in (["units", "show", str(garbage)], ["units", "compare", str(unit_map), str(garbage)],
-                 ["units", "merge-scores", str(partial_file(tmp_path / "p.safetensors")), str(garbage), "--out",
-                  str(tmp_path / "m.safetensors")],
-                 ["ablate", "--model", str(checkpoint), "--unit-map", str(garbage), "--out-dir", str(tmp_path / "r")]):
+    for argv in (
+        ["units", "show", str(garbage)],
+        ["units", "compare", str(unit_map), str(garbage)],
+        [
+            "units",
+            "merge-scores",
+            str(partial_file(tmp_path / "p.safetensors")),
+            str(garbage),
+            "--out",
+            str(tmp_path / "m.safetensors"),
+        ],
+        ["ablate", "--model", str(checkpoint), "--unit-map", str(garbage), "--out-dir", str(tmp_path / "r")],
+    ):
         message = refused(capsys, argv, status=1)
         assert message.startswith(f"ssah-peft: error: {garbage}: ") and "safetensors" in message, message
     message = refused(capsys, ["units", "show", str(checkpoint / "model.safetensors")], status=1)
@@ -384,8 +501,9 @@ def test_every_option_of_every_command_has_help_that_shows_its_default():
                 continue
             name = f"{parser.prog} {'/'.join(action.option_strings) or action.dest}"
             text = formatter._expand_help(action) if action.help else ""
-            required = action.required or any(action in group._group_actions and group.required
-                                               for group in parser._mutually_exclusive_groups)
+            required = action.required or any(
+                action in group._group_actions and group.required for group in parser._mutually_exclusive_groups
+            )
             if not text.strip():
                 problems.append(f"{name}: no help")
             elif action.option_strings and required:
@@ -399,3 +517,28 @@ def test_every_option_of_every_command_has_help_that_shows_its_default():
                     problems.append(f"{name}: default {shown!r} not in {text!r}")
         assert parser.format_help()
     assert not problems, "\n".join(problems)
+
+
+def test_every_command_that_loads_a_model_has_the_same_loading_options_and_device_map_rule(monkeypatch):
+    from ssah_peft.cli import model_options
+
+    parsers = {parser.prog.split()[-1]: parser for parser in subparsers_of(build_parser())}
+    loading = ("--model", "--dtype", "--device-map", "--load-in-4bit")
+    for command in ("score", "eval", "probe", "ablate", "scan"):
+        actions = {option: action for action in parsers[command]._actions for option in action.option_strings}
+        assert all(option in actions for option in loading), command
+        assert actions["--dtype"].choices == model_options.DTYPES, command
+
+    def args(**options):
+        return argparse.Namespace(**{"device_map": None, "load_in_4bit": False, **options})
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert model_options.device_map(args(device_map="cuda:3", load_in_4bit=True)) == "cuda:3"  # given: used as is
+    assert model_options.device_map(args(load_in_4bit=True)) == "cpu"  # bitsandbytes' CPU backend
+    assert model_options.device_map(args()) is None  # transformers' default
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert model_options.device_map(args(load_in_4bit=True)) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert model_options.device_map(args()) == "cuda:1"  # one GPU per launched process

@@ -85,6 +85,7 @@ def test_task_generator_is_deterministic():
 def test_task_splits_are_disjoint_and_test_does_not_depend_on_train_size(sets):
     train, test = sets["task_train"], sets["task_test"]
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+
     # Same content under another wording must not leak either: compare the numbers/words an item is about.
     def content(r):
         a, op, b, unit = re.findall(r"(\d+) ([-+×÷]) (\d+) = \d+ ?([a-z]*)", r["response"])[-1]
@@ -130,7 +131,7 @@ def write_rows(tmp_path, suffix: str):
     if suffix == ".jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     elif suffix == ".csv":
-        lines = [f"\"{r['question']}\",\"{r['solution']}\",{r['final'] or ''},{r['topic']}\n" for r in ROWS]
+        lines = [f'"{r["question"]}","{r["solution"]}",{r["final"] or ""},{r["topic"]}\n' for r in ROWS]
         path.write_text("question,solution,final,topic\n" + "".join(lines))
     else:
         pq.write_table(pa.Table.from_pylist(ROWS), path)

@@ -12,15 +12,28 @@ from conftest import tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from ssah_peft import UnitMap
-from ssah_peft.demo import ALIGN_METHODS, ATTACK_METHODS, ATTACK_SETS, DemoConfig, run_demo, spread, utility_split
+from ssah_peft.experiments import (
+    ALIGN_METHODS,
+    ATTACK_METHODS,
+    ATTACK_SETS,
+    DemoConfig,
+    run_demo,
+    spread,
+    utility_split,
+)
 
 
 def tiny_loader(calls: list):
     def load():
         calls.append(1)
         tokenizer = tiny_tokenizer()
-        model = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id, intermediate_size=64)
+        model = tiny_model(
+            "llama",
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            intermediate_size=64,
+        )
         return model, tokenizer
 
     return load
@@ -29,9 +42,22 @@ def tiny_loader(calls: list):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     config = DemoConfig.quick(
-        tmp_path_factory.mktemp("demo"), calibration_pairs=4, align_safety_examples=4, align_utility_examples=4,
-        attack_task_examples=4, max_length=320, batch_size=2, align_steps=2, attack_steps=1, protect_epoch_factor=2,
-        harmful_prompts=3, overrefusal_prompts=2, task_prompts=2, perplexity_texts=2, max_new_tokens=4, show_progress=False,
+        tmp_path_factory.mktemp("demo"),
+        calibration_pairs=4,
+        align_safety_examples=4,
+        align_utility_examples=4,
+        attack_task_examples=4,
+        max_length=320,
+        batch_size=2,
+        align_steps=2,
+        attack_steps=1,
+        protect_epoch_factor=2,
+        harmful_prompts=3,
+        overrefusal_prompts=2,
+        task_prompts=2,
+        perplexity_texts=2,
+        max_new_tokens=4,
+        show_progress=False,
     )
     calls: list = []
     report = run_demo(config, load_base=tiny_loader(calls), command="pytest demo")
@@ -53,10 +79,10 @@ def test_every_stage_writes_its_outputs(demo_run):
         assert (run / "align" / method / "adapter" / "adapter_model.safetensors").is_file()
     for data in ATTACK_SETS:
         for method in ATTACK_METHODS:
-            result = json.loads((run / "attack" / data / method / "result.json").read_text())
+            result = json.loads((run / "attack" / data / method.name / "result.json").read_text())
             assert 0.0 <= result["metrics"]["asr"] <= 1.0 and result["trainable_parameters"] > 0
-            assert (run / "attack" / data / method / "generations.jsonl").read_text().count("\n") == 3 + 2 + 2
-            protect = method.startswith("ssah_protect")
+            assert (run / "attack" / data / method.name / "generations.jsonl").read_text().count("\n") == 3 + 2 + 2
+            protect = method.freezes_units
             assert result["steps"] == config.attack_steps * (config.protect_epoch_factor if protect else 1)
     for key in config.migration_runs:
         result = json.loads((run / "attack" / key / "result.json").read_text())
@@ -69,10 +95,10 @@ def test_every_stage_writes_its_outputs(demo_run):
 
 def test_sparse_methods_train_fewer_parameters_than_full_finetuning(demo_run):
     config, _, _ = demo_run
-    align = {m: json.loads((config.run_dir / "align" / m / "result.json").read_text()) for m in ALIGN_METHODS}
+    align = {m.name: json.loads((config.run_dir / "align" / m.name / "result.json").read_text()) for m in ALIGN_METHODS}
     assert align["ssah_select"]["trainable_parameters"] < align["full"]["trainable_parameters"]
     for method in ATTACK_METHODS[1:]:
-        result = json.loads((config.run_dir / "attack" / "task" / method / "result.json").read_text())
+        result = json.loads((config.run_dir / "attack" / "task" / method.name / "result.json").read_text())
         assert 0 < result["trainable_parameters"] < align["full"]["trainable_parameters"]
 
 
@@ -84,7 +110,7 @@ def test_report_table_has_every_run(demo_run):
     rows = lines[start : next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))]
     assert len(rows) == 1 + len(ALIGN_METHODS) + len(ATTACK_SETS) * len(ATTACK_METHODS)
     for method in (*ALIGN_METHODS, *ATTACK_METHODS):
-        assert any(f"| {method} |" in row for row in rows)
+        assert any(f"| {method.name} |" in row for row in rows)
     assert "`pytest demo`" in text and "unitmap_aligned.png" in text
     assert "SCU ablation check" in text and ("passes:" in text or "fails:" in text)
     assert "## Attribute migration" in text and "attack/task/full/migration.png" in text

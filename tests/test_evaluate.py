@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_config, tiny_model, tiny_tokenizer
 from transformers import LlamaForSequenceClassification
 
-from ssah_peft.data import load_builtin
 from ssah_peft.cli.evaluate import register as register_eval
+from ssah_peft.data import load_builtin
 from ssah_peft.evaluate import (
     REPORT_SCHEMA,
     GenerationSettings,
@@ -37,8 +37,13 @@ def tokenizer():
 
 
 def tiny_chat_model(tokenizer, seed: int = 0):
-    return tiny_model("llama", seed=seed, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id)
+    return tiny_model(
+        "llama",
+        seed=seed,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +197,14 @@ def test_report_schema_and_files(model, tokenizer, tmp_path):
     )
     assert json.loads((tmp_path / "report.json").read_text()) == report
     assert report["schema"] == REPORT_SCHEMA and report["suites"] == ["safety", "utility"]
-    assert report["settings"] == {"max_new_tokens": 4, "batch_size": 4, "system_prompt": None, "limit": 3,
-                                  "harm_judge": "keywords", "refusal_judge": "keywords"}
+    assert report["settings"] == {
+        "max_new_tokens": 4,
+        "batch_size": 4,
+        "system_prompt": None,
+        "limit": 3,
+        "harm_judge": "keywords",
+        "refusal_judge": "keywords",
+    }
     assert set(report["environment"]) == {"device", "dtype", "torch", "transformers", "peft", "ssah_peft"}
     harmful, over = report["safety"]["harmful"], report["safety"]["overrefusal"]
     assert harmful["n"] == over["n"] == 3
@@ -219,8 +230,24 @@ def test_eval_cli_subcommand(model, tokenizer, tmp_path):
     parser = argparse.ArgumentParser(prog="ssah-peft")
     register_eval(parser.add_subparsers(dest="command"))
     out = tmp_path / "eval"
-    args = parser.parse_args(["eval", "--model", str(checkpoint), "--suite", "safety", "--limit", "2",
-                              "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out), "--no-progress"])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--model",
+            str(checkpoint),
+            "--suite",
+            "safety",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert args.handler(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["suites"] == ["safety"] and "utility" not in report

@@ -25,7 +25,11 @@ def test_protect_mode_leaves_fully_protected_weights_unwrapped(tmp_path, input_i
     adapted = adapted_names(model)
     assert "model.layers.0.self_attn.q_proj" not in adapted
     assert "model.layers.0.self_attn.k_proj" not in adapted
-    for kept in ("model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj"):
+    for kept in (
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.self_attn.q_proj",
+    ):
         assert kept in adapted
     assert len(adapted) == 2 * 7 - 2
 
@@ -72,7 +76,9 @@ def test_safe_merge_checks_the_bias_delta_and_writes_nothing() -> None:
         tiny_model("qwen2"), SSAHConfig(units={0: {"attn": list(range(8))}}, mode="select", init_weights=False)
     )
     base, weight, bias = break_one_bias(model)
-    with pytest.raises(ValueError, match=r"^NaNs detected in the merged weights\. The adapter default seems to be broken$"):
+    with pytest.raises(
+        ValueError, match=r"^NaNs detected in the merged weights\. The adapter default seems to be broken$"
+    ):
         model.merge_adapter(safe_merge=True)
     assert torch.equal(base.weight, weight) and torch.equal(base.bias, bias)
     assert torch.isfinite(base.bias).all()

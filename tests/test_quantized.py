@@ -33,7 +33,9 @@ def fp32_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def quantized_peft_model(fp32_dir: Path, quantization: str):
-    base = AutoModelForCausalLM.from_pretrained(fp32_dir, quantization_config=QUANTIZATION[quantization], device_map="cpu")
+    base = AutoModelForCausalLM.from_pretrained(
+        fp32_dir, quantization_config=QUANTIZATION[quantization], device_map="cpu"
+    )
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     return get_peft_model(base, SSAHConfig(units=UNITS, mode="protect", r=4))
 
@@ -80,7 +82,7 @@ def test_train_eval_then_merge(fp32_dir: Path, quantization: str, avx512bf16_cpu
 
 def test_merge_into_dequantized_copy_is_exact(fp32_dir: Path, avx512bf16_cpu: None) -> None:
     model = quantized_peft_model(fp32_dir, "nf4")
-    for name, param in model.named_parameters():
+    for _name, param in model.named_parameters():
         if param.requires_grad:
             with torch.no_grad():
                 param.normal_(std=0.02)  # a trained-looking adapter
@@ -156,8 +158,9 @@ def test_disable_cpu_4bit_repacking_stops_and_undoes_the_repack(fp32_dir: Path, 
     layers = linear4bit_layers(model)
     assert layers and all(m.support_avx512bf16_for_cpu for m in layers.values())  # armed, whatever this CPU is
     storage = {name: m.weight.data.clone() for name, m in layers.items()}
-    dequantized = {name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
-                   for name, m in layers.items()}
+    dequantized = {
+        name: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for name, m in layers.items()
+    }
     input_ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
 
     # switched off before the first forward: an eval forward leaves the storage and its dequantization unchanged
@@ -223,7 +226,7 @@ def frozen_slices(layer, weight: torch.Tensor) -> torch.Tensor:
     dim = 0 if axis == "out" else 1
     mask = torch.zeros(weight.shape[dim], dtype=torch.bool)
     mask[index] = True
-    if layer.ssah_mode["default"] == "select":
+    if layer.ssah_update["default"].mode == "select":
         mask = ~mask
     return weight.index_select(dim, mask.nonzero().flatten())
 

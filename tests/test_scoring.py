@@ -17,11 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 from transformers.pytorch_utils import Conv1D
-
-from safetensors.torch import save_file
 
 from ssah_peft import (
     UnitMap,
@@ -347,8 +346,11 @@ def test_4bit_scores_match_fp32_within_quantization_error(tmp_path, tokenizer, p
         flat, flat_reference = torch.cat(scores.scores[kind]), torch.cat(reference.scores[kind])
         assert spearman(flat, flat_reference) >= 0.99, kind
     assert not any(m.support_avx512bf16_for_cpu for m in output_projections(quantized).values())
-    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized.modules()
-                   if isinstance(m, bnb.nn.Linear4bit))
+    assert not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in quantized.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
     # a model repacked by an eval forward before scoring is converted back first (with a warning); the repack is
     # bitsandbytes' own conversion, applied as the forward applies it on a CPU with AVX-512 BF16, so on every CPU
     repacked = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
@@ -527,8 +529,9 @@ def test_cli_reports_bad_data_files_before_loading_the_model(tmp_path, capsys):
     broken.write_text("\n{not json\n")
     error = cli_error(capsys, [*command, "--safety-data", str(broken), "--utility-data", str(good)], status=1)
     assert re.search(r"broken\.jsonl:2: not valid JSON", error)
-    error = cli_error(capsys, [*command, "--safety-data", str(tmp_path / "missing.jsonl"), "--utility-data", str(good)],
-                      status=2)
+    error = cli_error(
+        capsys, [*command, "--safety-data", str(tmp_path / "missing.jsonl"), "--utility-data", str(good)], status=2
+    )
     assert re.search(r"missing\.jsonl", error)
     with pytest.raises(SystemExit):
         main(command)  # the data arguments are required
@@ -585,11 +588,13 @@ def test_merging_partial_scores_names_what_does_not_fit(tmp_path, llama, tokeniz
         "different methods: .*'variance', .*'wanda'": [rank0, part("wanda", method="wanda")],
         r"different models \(fingerprints\)": [rank0, part("gpt2", model=tiny_model("gpt2"))],
         "output projection weights of .*rank0 and .*reseeded differ": [
-            rank0, part("reseeded", model=tiny_model("llama", seed=1))
+            rank0,
+            part("reseeded", model=tiny_model("llama", seed=1)),
         ],
         r"different data or settings \(metadata\)": [rank0, part("other", data="other words")],
         r"rank0 holds the calibration sets \['safety'\] but .*utility holds \['utility'\]": [
-            rank0, part("utility", set_name="utility")
+            rank0,
+            part("utility", set_name="utility"),
         ],
         "yielded no batches": [part("empty0", rank=0, batches=[]), part("empty1", batches=[])],
     }

@@ -69,7 +69,10 @@ def test_example_script_runs(tmp_path: Path) -> None:
 
     script = Path(__file__).resolve().parents[1] / "examples" / "finetune_tiny.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--out", str(tmp_path), "--steps", "2"], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--out", str(tmp_path), "--steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     for mode in ("protect", "select"):

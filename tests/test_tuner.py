@@ -54,7 +54,11 @@ def expected_slices(family: str, mode: str, layer: int, units: dict) -> dict[str
     keep = any if mode == "protect" else all
 
     def head_rows(offset: int) -> set[int]:
-        return {offset + r for r in range(heads * head_dim) if keep(r // head_dim * head_dim + d in attn for d in range(head_dim))}
+        return {
+            offset + r
+            for r in range(heads * head_dim)
+            if keep(r // head_dim * head_dim + d in attn for d in range(head_dim))
+        }
 
     def kv_head_rows(offset: int) -> set[int]:
         rows = set()
@@ -201,7 +205,11 @@ def test_training_changes_exactly_the_allowed_slices(cases: dict, family: str, m
     for key, value in case.base_state.items():
         if key.endswith(".weight") and any(p in key for p in ("proj", "c_fc", "c_attn")):
             continue
-        if key.endswith(".bias") and mode == "select" and any(p in key for p in ("q_proj", "k_proj", "v_proj", "c_attn", "c_fc")):
+        if (
+            key.endswith(".bias")
+            and mode == "select"
+            and any(p in key for p in ("q_proj", "k_proj", "v_proj", "c_attn", "c_fc"))
+        ):
             continue  # select mode trains the bias entries of the selected rows; checked below
         assert torch.equal(merged_state[key], value), key
 
@@ -210,7 +218,7 @@ def test_select_trains_only_the_bias_entries_of_selected_rows(cases: dict) -> No
     case = cases["qwen2", "select"]
     merged = case.merged.state_dict()
     for layer in range(2):
-        for relative, (axis, owned) in expected_slices("qwen2", "select", layer, case.units).items():
+        for relative, (_axis, owned) in expected_slices("qwen2", "select", layer, case.units).items():
             key = f"model.layers.{layer}.{relative}.bias"
             if key not in case.base_state:
                 continue
@@ -620,7 +628,9 @@ def test_peft_loading_refuses_weights_that_disagree_with_the_config(
             assert torch.equal(model(input_ids).logits, reference)
     elif how == "inject_adapter_in_model":  # peft's functions for models without a PeftModel wrapper
         inject_adapter_in_model(PeftConfig.from_pretrained(directory), base)
-        with pytest.raises(ValueError, match=message.replace(re.escape("base_model.model."), "(base_model\\.model\\.)?")):
+        with pytest.raises(
+            ValueError, match=message.replace(re.escape("base_model.model."), "(base_model\\.model\\.)?")
+        ):
             set_peft_model_state_dict(base, load_peft_weights(directory))
         assert not any(isinstance(m, SSAHLayer) for m in base.modules()) and not hasattr(base, "peft_config")
     else:

@@ -17,6 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ssah_peft import UNIT_TYPES, SSAHConfig, UnitMap, UnitScores, score_units
 from ssah_peft.scoring import model_fingerprint
+from ssah_peft.unit_map import DEFAULT_PROPORTIONS
+from ssah_peft.units import union_units
 
 # ----------------------------------------------------------------------------------------------------
 # A tiny llama with planted units
@@ -463,7 +465,8 @@ def _with_value(tensor: torch.Tensor, index: int, value) -> torch.Tensor:
 # 40 MLP and 24 attention units
 CORRUPTIONS = {
     "tensor removed": (
-        lambda t, m: t.pop("types.1.mlp"), r"is not a complete unit map: tensor\(s\) types\.1\.mlp missing"
+        lambda t, m: t.pop("types.1.mlp"),
+        r"is not a complete unit map: tensor\(s\) types\.1\.mlp missing",
     ),
     "layer removed": (
         lambda t, m: [t.pop(k) for k in list(t) if ".2." in k],
@@ -552,8 +555,11 @@ def test_load_checks_the_tensors_against_the_metadata(tmp_path, saved_map, corru
 def test_load_names_the_file_when_it_cannot_be_parsed(tmp_path, saved_map, damage):
     path = tmp_path / "damaged.safetensors"
     content = saved_map.read_bytes()
-    path.write_bytes({"not safetensors": b"certainly not a unit map", "truncated": content[: len(content) // 2],
-                      "empty": b""}[damage])
+    path.write_bytes(
+        {"not safetensors": b"certainly not a unit map", "truncated": content[: len(content) // 2], "empty": b""}[
+            damage
+        ]
+    )
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} is not a readable safetensors file \(.+\)"):
         UnitMap.load(path)
 
@@ -616,3 +622,21 @@ def test_maps_are_made_only_from_finite_scores():
     huge = make_scores({"mlp": [[1e300, 1.0]], "attn": [[1.0]]})  # finite in float64, inf in a map's float32
     with pytest.raises(ValueError, match=r"The safety scores of layer 0's mlp block hold NaN/inf"):
         UnitMap.from_scores(huge, make_scores({"mlp": [[1.0, 1.0]], "attn": [[1.0]]}))
+
+
+def test_union_units_is_the_normal_form_of_unit_sets():
+    assert union_units({0: {"mlp": [3, 1, 3]}}) == {"0": {"mlp": [1, 3]}}
+    united = union_units({0: {"mlp": [3, 1]}}, {"0": {"mlp": torch.tensor([2, 3]), "attn": []}, 1: {"attn": [5]}})
+    assert united == {"0": {"mlp": [1, 2, 3], "attn": []}, "1": {"attn": [5]}}
+    assert union_units() == {}
+
+
+def test_default_proportions_are_the_defaults_of_from_scores_and_the_cli():
+    import inspect
+
+    from ssah_peft.cli import build_parser
+
+    parameters = inspect.signature(UnitMap.from_scores).parameters
+    assert {name: parameters[name].default for name in DEFAULT_PROPORTIONS} == dict(DEFAULT_PROPORTIONS)
+    args = build_parser().parse_args(["units", "merge-scores", "p.safetensors", "--out", "m.safetensors"])
+    assert {name: getattr(args, name) for name in DEFAULT_PROPORTIONS} == dict(DEFAULT_PROPORTIONS)

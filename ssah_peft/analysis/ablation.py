@@ -16,7 +16,6 @@ dequantized and requantized to be changed, is swapped back to the very parameter
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -30,11 +29,11 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from .._files import read_json, write_json
 from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility
-from ..quantization import dense_weight
-from ..tuner.model import model_shapes
-from ..unit_map import UnitMap, UnitsDict
-from ..units import ArchitectureSpec, UnitParts, resolve_architecture, unit_slices
+from ..quantization import dense_weight, writable_weight
+from ..unit_map import UnitMap
+from ..units import ArchitectureSpec, UnitParts, UnitsDict, model_shapes, resolve_architecture, union_units, unit_slices
 
 #: Units as ``{layer: {"mlp": [...], "attn": [...]}}`` (layer as int or str; kinds may be missing).
 UnitSet = Mapping[Union[int, str], Mapping[str, Sequence[int]]]
@@ -48,18 +47,10 @@ def units_dict(units: Union[UnitSet, UnitMap], types: Optional[Sequence[str]] = 
     if isinstance(units, UnitMap):
         if not types:
             raise ValueError("Ablating a UnitMap needs the unit types to ablate, e.g. types=['SCU']")
-        merged: dict[str, dict[str, set[int]]] = {}
-        for unit_type in types:
-            for layer, blocks in units.units_of(unit_type).items():
-                for kind, indices in blocks.items():
-                    merged.setdefault(layer, {}).setdefault(kind, set()).update(indices)
-        return {layer: {kind: sorted(i) for kind, i in blocks.items()} for layer, blocks in merged.items()}
+        return union_units(*(units.units_of(unit_type) for unit_type in types))
     if types:
         raise ValueError("types only applies to a UnitMap; a units dict is ablated as given")
-    return {
-        str(layer): {kind: sorted({int(i) for i in indices}) for kind, indices in blocks.items()}
-        for layer, blocks in units.items()
-    }
+    return union_units(units)
 
 
 def count_units(units: UnitSet) -> int:
@@ -98,9 +89,11 @@ def _zeroed(module: nn.Module, slices: list[tuple[str, torch.Tensor]]) -> Iterat
         saved_bias = (row_index, bias.data[row_index].clone())
         bias.data[row_index] = 0
     if backend is None:
-        weight = dense_weight(module)  # the parameter data itself (a transposed view for Conv1D)
-        saved = [(axis, index, weight.index_select(1 if axis == "in" else 0, index.to(weight.device)).clone())
-                 for axis, index in slices]
+        weight = writable_weight(module)  # the parameter data itself (a transposed view for Conv1D)
+        saved = [
+            (axis, index, weight.index_select(1 if axis == "in" else 0, index.to(weight.device)).clone())
+            for axis, index in slices
+        ]
         _zero_in_place(weight, slices)
     else:
         if backend.backend_name != "bnb 4bit":
@@ -117,7 +110,7 @@ def _zeroed(module: nn.Module, slices: list[tuple[str, torch.Tensor]]) -> Iterat
         yield
     finally:
         if backend is None:
-            weight = dense_weight(module)
+            weight = writable_weight(module)
             for axis, index, values in saved:
                 weight.index_copy_(1 if axis == "in" else 0, index.to(weight.device), values)
         else:
@@ -160,7 +153,7 @@ def ablate(
     if unknown:
         raise ValueError(f"Units name layers the model does not have: {unknown}")
     per_module: dict[str, tuple[nn.Module, list[tuple[str, torch.Tensor]]]] = {}
-    for kind, layer, name, module in spec.output_projections(model):
+    for kind, layer, name, _module in spec.output_projections(model):
         indices = chosen.get(str(layer), {}).get(kind, [])
         if not indices:
             continue
@@ -236,8 +229,10 @@ class AblationTable:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def markdown(self) -> str:
-        lines = ["| ablated | units | share | ASR | over-refusal | task acc. | PPL | s |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = [
+            "| ablated | units | share | ASR | over-refusal | task acc. | PPL | s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for r in self.rows:
             lines.append(
                 f"| {r.name} | {r.num_units} | {100 * r.share:.1f}% | {r.asr:.3f} | {r.overrefusal:.3f} | "
@@ -249,13 +244,11 @@ class AblationTable:
         return {"rows": [asdict(r) for r in self.rows], "settings": self.settings}
 
     def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> AblationTable:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path)
         return cls(rows=[AblationRow(**r) for r in data["rows"]], settings=data.get("settings", {}))
 
 
@@ -266,7 +259,10 @@ def _measure(
 
     safety, _ = evaluate_safety(model, tokenizer, settings=settings, limit=limit)
     utility, _ = evaluate_utility(
-        model, tokenizer, settings=settings, limit=limit,
+        model,
+        tokenizer,
+        settings=settings,
+        limit=limit,
         perplexity_sets={"utility_calibration": load_builtin("utility_calibration")},
     )
     return {
@@ -309,10 +305,22 @@ def ablation_table(
         with ablate(model, units, parts=parts):
             metrics = _measure(model, tokenizer, settings, limit)
         count = count_units(units)
-        rows.append(AblationRow(name=name, num_units=count, share=count / total, **metrics,
-                                seconds=round(time.perf_counter() - start, 2)))
+        rows.append(
+            AblationRow(
+                name=name,
+                num_units=count,
+                share=count / total,
+                **metrics,
+                seconds=round(time.perf_counter() - start, 2),
+            )
+        )
     return AblationTable(
         rows=rows,
-        settings={"parts": parts, "limit": limit, "max_new_tokens": settings.max_new_tokens, "seed": seed,
-                  "unit_map_settings": unit_map.settings},
+        settings={
+            "parts": parts,
+            "limit": limit,
+            "max_new_tokens": settings.max_new_tokens,
+            "seed": seed,
+            "unit_map_settings": unit_map.settings,
+        },
     )

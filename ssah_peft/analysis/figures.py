@@ -53,8 +53,11 @@ def plot_unit_types(unit_map: UnitMap, path: PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     unit_map.plot(path)
     counts = unit_map.counts()
-    _write_csv(path, ["layer", "kind", *UNIT_TYPES],
-               [[layer, kind, *(c[t] for t in UNIT_TYPES)] for (layer, kind), c in sorted(counts.items())])
+    _write_csv(
+        path,
+        ["layer", "kind", *UNIT_TYPES],
+        [[layer, kind, *(c[t] for t in UNIT_TYPES)] for (layer, kind), c in sorted(counts.items())],
+    )
     return path
 
 
@@ -71,8 +74,15 @@ def plot_migration(migration: Migration, path: PathLike, title: str = "unit type
     for i in range(len(order)):
         for j in range(len(order)):
             dark = shares[i, j] > 0.6 * float(shares.max())
-            ax.text(j, i, f"{int(counts[i, j])}\n{float(shares[i, j]):.2f}%", ha="center", va="center",
-                    fontsize="small", color="white" if dark else "black")
+            ax.text(
+                j,
+                i,
+                f"{int(counts[i, j])}\n{float(shares[i, j]):.2f}%",
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="white" if dark else "black",
+            )
     ax.set_xticks(range(len(order)), order)
     ax.set_yticks(range(len(order)), order)
     ax.set_xlabel("after")
@@ -80,9 +90,11 @@ def plot_migration(migration: Migration, path: PathLike, title: str = "unit type
     ax.set_title(title)
     figure.colorbar(image, ax=ax, label="% of all units")
     path = _save(figure, path)
-    _write_csv(path, ["before", "after", "count", "percent"],
-               [[a, b, int(counts[i, j]), float(shares[i, j])]
-                for i, a in enumerate(order) for j, b in enumerate(order)])
+    _write_csv(
+        path,
+        ["before", "after", "count", "percent"],
+        [[a, b, int(counts[i, j]), float(shares[i, j])] for i, a in enumerate(order) for j, b in enumerate(order)],
+    )
     return path
 
 
@@ -107,14 +119,44 @@ def plot_probe(result: ProbeResult, path: PathLike) -> Path:
     right.set_title("mean over blocks")
     figure.suptitle(result.verdict(), fontsize="medium")
     path = _save(figure, path)
-    rows = [["block", b, result.max_appended, *(float(v) for name in ("refusal", "compliance")
-                                                  for v in (by_block[name][0][b], by_block[name][1][b])),
-             float(result.refusal_preference()[b])] for b in blocks]
-    rows += [["appended", "mean", k, *(float(v) for name in ("refusal", "compliance")
-                                       for v in (by_appended[name][0][k - 1], by_appended[name][1][k - 1])), ""]
-             for k in appended]
-    _write_csv(path, ["series", "block", "appended", "refusal_mean", "refusal_ci95", "compliance_mean",
-                      "compliance_ci95", "fraction_preferring_refusal"], rows)
+    rows = [
+        [
+            "block",
+            b,
+            result.max_appended,
+            *(float(v) for name in ("refusal", "compliance") for v in (by_block[name][0][b], by_block[name][1][b])),
+            float(result.refusal_preference()[b]),
+        ]
+        for b in blocks
+    ]
+    rows += [
+        [
+            "appended",
+            "mean",
+            k,
+            *(
+                float(v)
+                for name in ("refusal", "compliance")
+                for v in (by_appended[name][0][k - 1], by_appended[name][1][k - 1])
+            ),
+            "",
+        ]
+        for k in appended
+    ]
+    _write_csv(
+        path,
+        [
+            "series",
+            "block",
+            "appended",
+            "refusal_mean",
+            "refusal_ci95",
+            "compliance_mean",
+            "compliance_ci95",
+            "fraction_preferring_refusal",
+        ],
+        rows,
+    )
     return path
 
 
@@ -139,8 +181,11 @@ def plot_ablation(table: AblationTable, path: PathLike) -> Path:
         if key == "perplexity":
             ax.set_yscale("log")
     path = _save(figure, path)
-    _write_csv(path, ["ablated", "num_units", "share", *(key for key, _ in ABLATION_METRICS)],
-               [[r.name, r.num_units, r.share, *(getattr(r, key) for key, _ in ABLATION_METRICS)] for r in table.rows])
+    _write_csv(
+        path,
+        ["ablated", "num_units", "share", *(key for key, _ in ABLATION_METRICS)],
+        [[r.name, r.num_units, r.share, *(getattr(r, key) for key, _ in ABLATION_METRICS)] for r in table.rows],
+    )
     return path
 
 
@@ -160,8 +205,9 @@ def plot_scan(scans: Sequence[ScanResult], path: PathLike) -> Path:
     rows: list[list[Any]] = []
     for scan, axes in zip(scans, figure.subplots(len(scans), len(names), squeeze=False)):
         steps: list[tuple[float, dict[str, float], list[str]]] = [(0.0, scan.baseline, [])]
-        steps += [(f, m, beyond_tolerance(m, scan.baseline, scan.tolerances))
-                  for f, m in zip(scan.fractions, scan.metrics)]
+        steps += [
+            (f, m, beyond_tolerance(m, scan.baseline, scan.tolerances)) for f, m in zip(scan.fractions, scan.metrics)
+        ]
         for ax, name in zip(axes, names):
             if name not in scan.baseline:
                 ax.set_visible(False)
@@ -177,19 +223,36 @@ def plot_scan(scans: Sequence[ScanResult], path: PathLike) -> Path:
                 broken = [(f, m[name]) for f, m, beyond in steps if name in beyond]
                 if broken:
                     ax.scatter(*zip(*broken), color="#d62728", zorder=3, label="beyond tolerance")
-            ax.axvline(scan.chosen_fraction, color="black", linestyle="--", linewidth=1,
-                       label=f"chosen {scan.chosen_fraction:g}")
+            ax.axvline(
+                scan.chosen_fraction,
+                color="black",
+                linestyle="--",
+                linewidth=1,
+                label=f"chosen {scan.chosen_fraction:g}",
+            )
             ax.set_xscale("symlog", linthresh=scan.fractions[0])
             ax.set_xticks(x, [f"{f:g}" for f in x], rotation=90, fontsize="x-small")
             ax.set_xlim(-0.2 * scan.fractions[0], 1.2 * x[-1])
             ax.set_xlabel("pruned fraction of all units")
-            ax.set_title(f"{scan.criterion}: {name}" + ("" if allowed is not None else " (not watched)"),
-                         fontsize="medium")
+            ax.set_title(
+                f"{scan.criterion}: {name}" + ("" if allowed is not None else " (not watched)"), fontsize="medium"
+            )
             ax.legend(fontsize="x-small")
-        rows += [[scan.criterion, f, *(m.get(name, "") for name in names),
-                  *(scan.tolerances.get(name, "") for name in names), ";".join(beyond), f == scan.chosen_fraction]
-                 for f, m, beyond in steps]
+        rows += [
+            [
+                scan.criterion,
+                f,
+                *(m.get(name, "") for name in names),
+                *(scan.tolerances.get(name, "") for name in names),
+                ";".join(beyond),
+                f == scan.chosen_fraction,
+            ]
+            for f, m, beyond in steps
+        ]
     path = _save(figure, path)
-    _write_csv(path, ["criterion", "fraction", *names, *(f"{name}_tolerance" for name in names), "beyond_tolerance",
-                      "chosen"], rows)
+    _write_csv(
+        path,
+        ["criterion", "fraction", *names, *(f"{name}_tolerance" for name in names), "beyond_tolerance", "chosen"],
+        rows,
+    )
     return path

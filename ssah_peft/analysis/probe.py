@@ -15,7 +15,6 @@ sequence.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..evaluate import _chat_text, _input_device
+from .._files import read_json, write_json
+from ..chat import input_device, render_prompt
 
 #: Openings of a refusal, several phrasings; each is at least 10 tokens long in common BPE vocabularies.
 DEFAULT_REFUSAL_OPENINGS: tuple[str, ...] = (
@@ -49,9 +49,12 @@ def _t_quantile_975(df: int) -> float:
     z = 1.959963984540054
     if df <= 0:
         return math.nan
-    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2) + (
-        3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z
-    ) / (384 * df**3)
+    return (
+        z
+        + (z**3 + z) / (4 * df)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3)
+    )
 
 
 def mean_with_ci(values: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +127,11 @@ class ProbeResult:
         return {"refusal": self.refusal.tolist(), "compliance": self.compliance.tolist(), "settings": self.settings}
 
     def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps({**self.to_dict(), "verdict": self.verdict()}) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, {**self.to_dict(), "verdict": self.verdict()}, indent=None)
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> ProbeResult:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = read_json(path)
         return cls(
             refusal=torch.tensor(data["refusal"], dtype=torch.float64),
             compliance=torch.tensor(data["compliance"], dtype=torch.float64),
@@ -158,7 +159,7 @@ def _distances(
     show_progress: bool,
 ) -> torch.Tensor:
     """``[sequence, block, k]`` cosine distances between the Q state and the state after k appended tokens."""
-    device = _input_device(model)
+    device = input_device(model)
     results = []
     for start in tqdm(range(0, len(sequences), batch_size), desc="probe", disable=not show_progress):
         batch = sequences[start : start + batch_size]
@@ -169,8 +170,9 @@ def _distances(
             tokens = query + appended
             input_ids[row, : len(tokens)] = torch.tensor(tokens)
             attention_mask[row, : len(tokens)] = 1
-        output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                       output_hidden_states=True)
+        output = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), output_hidden_states=True
+        )
         states = torch.stack(output.hidden_states[1:], dim=1).double().cpu()  # [batch, block, position, hidden]
         for row, (query, appended) in enumerate(batch):
             q = len(query)
@@ -215,15 +217,14 @@ def probe_reasoning_direction(
         "compliance": _opening_ids(tokenizer, compliance_openings, max_appended),
     }
     queries = [
-        tokenizer(_chat_text(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
+        tokenizer(render_prompt(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
         for prompt in harmful_prompts
     ]
     sequences = [(q, a) for q in queries for kind in openings for a in openings[kind]]
     was_training = model.training
     model.eval()
     try:
-        distances = _distances(model, sequences, mean_over_appended, batch_size, tokenizer.pad_token_id,
-                               show_progress)
+        distances = _distances(model, sequences, mean_over_appended, batch_size, tokenizer.pad_token_id, show_progress)
     finally:
         model.train(was_training)
     per_prompt = distances.reshape(len(queries), -1, *distances.shape[1:])  # [prompt, opening, block, k]

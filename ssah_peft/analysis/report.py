@@ -41,8 +41,10 @@ def build_report(run_dir: Union[str, Path]) -> Path:
     if probe_file.is_file():
         probe = ProbeResult.load(probe_file)
         png = plot_probe(probe, figures / "probe.png")
-        sections.append(f"## Reasoning-direction probe\n\nThe model {probe.verdict()}.\n\n"
-                        + _image(png, run_dir, "probe distances"))
+        sections.append(
+            f"## Reasoning-direction probe\n\nThe model {probe.verdict()}.\n\n"
+            + _image(png, run_dir, "probe distances")
+        )
     ablation_file = run_dir / "ablation.json"
     if ablation_file.is_file():
         table = AblationTable.load(ablation_file)
@@ -53,27 +55,36 @@ def build_report(run_dir: Union[str, Path]) -> Path:
         png = plot_scan(scans, figures / "scan.png")
         sections.append("## Degradation scan curves\n\n" + _image(png, run_dir, "degradation scan"))
     for scan in scans:
-        lines = ["| fraction | " + " | ".join(scan.baseline) + " |", "|---:|" + "---:|" * len(scan.baseline),
-                 "| 0 (intact) | " + " | ".join(f"{v:.3f}" for v in scan.baseline.values()) + " |"]
-        lines += [f"| {f} | " + " | ".join(f"{m[k]:.3f}" for k in scan.baseline) + " |"
-                  for f, m in zip(scan.fractions, scan.metrics)]
-        sections.append(f"## Degradation scan: {scan.criterion}\n\nChosen fraction {scan.chosen_fraction} "
-                        f"(tolerances {scan.tolerances}).\n\n" + "\n".join(lines))
+        lines = [
+            "| fraction | " + " | ".join(scan.baseline) + " |",
+            "|---:|" + "---:|" * len(scan.baseline),
+            "| 0 (intact) | " + " | ".join(f"{v:.3f}" for v in scan.baseline.values()) + " |",
+        ]
+        lines += [
+            f"| {f} | " + " | ".join(f"{m[k]:.3f}" for k in scan.baseline) + " |"
+            for f, m in zip(scan.fractions, scan.metrics)
+        ]
+        sections.append(
+            f"## Degradation scan: {scan.criterion}\n\nChosen fraction {scan.chosen_fraction} "
+            f"(tolerances {scan.tolerances}).\n\n" + "\n".join(lines)
+        )
     maps = {path.stem: path for path in sorted(run_dir.glob("unitmap*.safetensors"))}
     for stem, path in maps.items():
         unit_map = UnitMap.load(path)
         png = plot_unit_types(unit_map, figures / f"{stem}.png")
-        sections.append(f"## Unit map `{path.name}`\n\n```\n{unit_map.summary()}\n```\n\n"
-                        + _image(png, run_dir, f"unit types of {stem}"))
+        sections.append(
+            f"## Unit map `{path.name}`\n\n```\n{unit_map.summary()}\n```\n\n"
+            + _image(png, run_dir, f"unit types of {stem}")
+        )
     if {"unitmap_before", "unitmap_after"} <= set(maps):
         migration = UnitMap.load(maps["unitmap_before"]).migration(UnitMap.load(maps["unitmap_after"]))
         png = plot_migration(migration, figures / "migration.png")
-        sections.append(f"## Unit type migration (before → after)\n\n```\n{migration.table()}\n```\n\n"
-                        + _image(png, run_dir, "migration"))
-    if len(sections) == 1:
-        raise FileNotFoundError(
-            f"{run_dir} holds none of probe.json, ablation.json, scan_*.json, unitmap*.safetensors"
+        sections.append(
+            f"## Unit type migration (before → after)\n\n```\n{migration.table()}\n```\n\n"
+            + _image(png, run_dir, "migration")
         )
+    if len(sections) == 1:
+        raise FileNotFoundError(f"{run_dir} holds none of probe.json, ablation.json, scan_*.json, unitmap*.safetensors")
     report = run_dir / "report.md"
     report.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
     return report

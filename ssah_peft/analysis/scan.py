@@ -15,7 +15,6 @@ largest fraction before that step.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .._files import read_json, write_json
 from ..evaluate import GenerationSettings, generate_responses, is_refusal, perplexity
 from ..scoring import UnitScores
 from ..unit_map import UnitMap
@@ -43,9 +43,7 @@ DEFAULT_TOLERANCES: dict[str, dict[str, float]] = {
 MetricFn = Callable[[nn.Module], Mapping[str, float]]
 
 
-def cheap_metrics(
-    tokenizer: PreTrainedTokenizerBase, limit: int = 12, max_new_tokens: int = 16
-) -> MetricFn:
+def cheap_metrics(tokenizer: PreTrainedTokenizerBase, limit: int = 12, max_new_tokens: int = 16) -> MetricFn:
     """A metric function for scans: refusal rate on the first ``limit`` built-in harmful prompts (keywords,
     short greedy generations) and the mean NLL of the first ``limit`` utility-calibration responses."""
     from ..data import load_builtin
@@ -81,24 +79,24 @@ class ScanResult:
         return asdict(self)
 
     def save(self, path: Union[str, Path]) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        return path
+        return write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> ScanResult:
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls(**read_json(path))
 
 
-def beyond_tolerance(values: Mapping[str, float], baseline: Mapping[str, float],
-                     tolerances: Mapping[str, float]) -> list[str]:
+def beyond_tolerance(
+    values: Mapping[str, float], baseline: Mapping[str, float], tolerances: Mapping[str, float]
+) -> list[str]:
     """The watched metrics of ``values`` that moved further from ``baseline`` than their tolerance: the stop rule
     of the scan, shared with the figure so that what it marks as broken is what stopped the scan."""
     return [name for name, allowed in tolerances.items() if abs(values[name] - baseline[name]) > allowed]
 
 
-def top_units(scores_safety: UnitScores, scores_utility: UnitScores, criterion: str, fraction: float,
-              **ranking: Any) -> dict[str, dict[str, list[int]]]:
+def top_units(
+    scores_safety: UnitScores, scores_utility: UnitScores, criterion: str, fraction: float, **ranking: Any
+) -> dict[str, dict[str, list[int]]]:
     """The ``fraction`` of units ranked first by ``criterion`` (module docstring); ``ranking`` passes
     ``standardize`` and ``ranking`` to :meth:`UnitMap.from_scores`."""
     if criterion not in CRITERIA:
@@ -152,8 +150,7 @@ def degradation_scan(
     metrics: list[dict[str, float]] = []
     chosen = 0.0
     for fraction in tqdm(fractions, desc=f"scan {criterion}", disable=not show_progress):
-        units = top_units(scores_safety, scores_utility, criterion, fraction, standardize=standardize,
-                          ranking=ranking)
+        units = top_units(scores_safety, scores_utility, criterion, fraction, standardize=standardize, ranking=ranking)
         with ablate(model, units, parts=parts):
             values = dict(metric_fn(model))
         evaluated.append(fraction)
@@ -161,8 +158,14 @@ def degradation_scan(
         if beyond_tolerance(values, baseline, tolerances):
             break
         chosen = fraction
-    result = ScanResult(criterion=criterion, baseline=baseline, fractions=evaluated, metrics=metrics,
-                        tolerances=tolerances, chosen_fraction=chosen)
+    result = ScanResult(
+        criterion=criterion,
+        baseline=baseline,
+        fractions=evaluated,
+        metrics=metrics,
+        tolerances=tolerances,
+        chosen_fraction=chosen,
+    )
     if unit_map is not None:
         unit_map.metadata.setdefault("scan", {})[criterion] = result.to_dict()
     return result

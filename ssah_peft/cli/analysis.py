@@ -1,58 +1,77 @@
 """``ssah-peft probe``, ``ssah-peft ablate`` and ``ssah-peft scan``: the analyses on a model from the command line.
 
-Each writes its result file into ``--out-dir`` under the run-directory names of :mod:`ssah_peft.analysis.report`, so that
-```ssah-peft report RUN_DIR`` can assemble them; ``ssah-peft report`` is here too.
+Each writes its result file into ``--out-dir`` under the run-directory names of :mod:`ssah_peft.analysis.report`, so
+that ``ssah-peft report RUN_DIR`` can assemble them; ``ssah-peft report`` is here too.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .checks import (
-    ABLATION_TABLE,
-    FIGURE_DATA,
-    MODEL_HELP,
-    PNG,
-    PROBE_RESULT,
-    SCAN_RESULT,
-    UNIT_MAP,
-    CLIError,
-    HelpFormatter,
-    add_overwrite_argument,
-    check_model_source,
-    check_output_dir,
-    check_output_file,
-    jsonl_records,
-    load_unit_map,
-    loading,
-    positive_fraction,
-    positive_int,
-    user_errors,
-)
-from ..evaluate import GenerationSettings
-from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
-from ..unit_map import UnitMap
+from ..analysis import report as analysis_report
 from ..analysis.ablation import AblationTable, ablation_table
 from ..analysis.figures import plot_ablation, plot_probe, plot_scan
 from ..analysis.probe import ProbeResult, probe_reasoning_direction
 from ..analysis.report import build_report
 from ..analysis.scan import CRITERIA, DEFAULT_FRACTIONS, ScanResult, cheap_metrics, degradation_scan, scores_of
+from ..evaluate import GenerationSettings
+from ..models import EMBEDDED_MODELS
+from ..unit_map import UnitMap
+from .errors import CLIError, user_errors
+from .inputs import load_unit_map, read_prompts
+from .model_options import add_model_arguments, check_model_source, load_model
+from .options import (
+    RawDescriptionHelpFormatter,
+    add_command,
+    add_overwrite_argument,
+    add_progress_argument,
+    positive_fraction,
+    positive_int,
+)
+from .paths import (
+    ABLATION_TABLE,
+    ANALYSIS_REPORT,
+    EVAL_REPORT_PART,
+    FIGURE_DATA,
+    PNG,
+    PROBE_RESULT,
+    SCAN_RESULT,
+    UNIT_MAP,
+    check_output_dir,
+    check_output_file,
+)
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="model (and 4-bit compute) dtype"
-    )
-    parser.add_argument(
-        "--device-map", help='e.g. "auto", "cpu", "cuda:0" (default: one device; cpu with --load-in-4bit and no GPU)'
-    )
-    parser.add_argument("--load-in-4bit", action="store_true", help="load the model in NF4 with bitsandbytes")
+def _analysis_parser(
+    subparsers: Any, name: str, description: str, *, unit_map: Optional[str] = None, system_prompt: bool = False
+) -> argparse.ArgumentParser:
+    """The subparser of an analysis with the options they all have: the model to load, the run directory, progress
+    bars, ``--overwrite`` and, given its help, ``--unit-map``."""
+    parser = add_command(subparsers, name, description)
+    add_model_arguments(parser, system_prompt=system_prompt)
     parser.add_argument("--out-dir", type=Path, required=True, help="run directory for the result files")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    if unit_map is not None:
+        parser.add_argument("--unit-map", required=True, help=unit_map)
+    add_progress_argument(parser)
     add_overwrite_argument(parser)
+    return parser
+
+
+def _parts_argument(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument(
+        "--parts",
+        choices=("out_proj", "all"),
+        default="out_proj",
+        help=f"{verb} the units' output projections only, or all their weights",
+    )
+
+
+def _wrote(*paths: Path) -> int:
+    """Report the files an analysis wrote; its exit status."""
+    print("wrote " + " and ".join(map(str, paths)))
+    return 0
 
 
 def _check_outputs(args: argparse.Namespace, stem: str, kind: str, names: tuple[str, ...] = ()) -> None:
@@ -61,44 +80,10 @@ def _check_outputs(args: argparse.Namespace, stem: str, kind: str, names: tuple[
     check_output_dir(args.out_dir, "--out-dir", files, overwrite=args.overwrite)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
-
-    from ..models import load
-
-    device_map = args.device_map or ("cpu" if args.load_in_4bit and not torch.cuda.is_available() else None)
-    with loading(args.model):
-        return load(args.model, dtype=args.dtype, device_map=device_map, load_in_4bit=args.load_in_4bit)
-
-
-def _prompts(source: str, limit: int) -> list[str]:
-    """Prompts of a built-in data set or of a JSONL file with a ``prompt`` field; errors name the file and line."""
-    if Path(source).is_file():
-        records = jsonl_records(source)
-    else:
-        from ..data import BUILTIN_DATASETS, load_builtin
-
-        if source not in BUILTIN_DATASETS:
-            raise CLIError(
-                f"--prompts {source} is neither a file (JSONL with a prompt field) nor a built-in data set "
-                f"({', '.join(sorted(BUILTIN_DATASETS))})"
-            )
-        records = [(f"{source}[{i}]", record) for i, record in enumerate(load_builtin(source))]
-    prompts = []
-    for where, record in records[:limit]:
-        if not isinstance(record, dict) or "prompt" not in record:
-            raise ValueError(f"{where}: expected a JSON object with a 'prompt' field")
-        prompts.append(str(record["prompt"]))
-    if not prompts:
-        raise ValueError(f"{source} holds no prompts")
-    return prompts
-
-
 def register_probe(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "probe", help="reasoning-direction probe: refusal vs compliance per block", formatter_class=HelpFormatter
+    parser = _analysis_parser(
+        subparsers, "probe", "reasoning-direction probe: refusal vs compliance per block", system_prompt=True
     )
-    _model_arguments(parser)
     parser.add_argument("--prompts", default="harmful_eval", help="built-in set or JSONL with a prompt field")
     parser.add_argument("--limit", type=positive_int, default=30, help="number of harmful prompts")
     parser.add_argument(
@@ -108,43 +93,44 @@ def register_probe(subparsers: Any) -> None:
         "--mean-over-appended", action="store_true", help="average the distances over the appended tokens"
     )
     parser.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass")
-    parser.add_argument("--system-prompt", help="system turn for every prompt (default: the chat template's)")
     parser.set_defaults(handler=_probe)
 
 
 def _probe(args: argparse.Namespace) -> int:
     _check_outputs(args, "probe", PROBE_RESULT, ("probe.json",))
     with user_errors(args.prompts):
-        prompts = _prompts(args.prompts, args.limit)
+        prompts = read_prompts(args.prompts, args.limit)
     check_model_source(args.model, embedded=EMBEDDED_MODELS)
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args)
     result = probe_reasoning_direction(
-        model, tokenizer, prompts, max_appended=args.max_appended, mean_over_appended=args.mean_over_appended,
-        batch_size=args.batch_size, system_prompt=args.system_prompt, show_progress=not args.no_progress,
+        model,
+        tokenizer,
+        prompts,
+        max_appended=args.max_appended,
+        mean_over_appended=args.mean_over_appended,
+        batch_size=args.batch_size,
+        system_prompt=args.system_prompt,
+        show_progress=not args.no_progress,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"The model {result.verdict()}")
-    print(f"wrote {result.save(args.out_dir / 'probe.json')} and {plot_probe(result, args.out_dir / 'probe.png')}")
-    return 0
+    return _wrote(result.save(args.out_dir / "probe.json"), plot_probe(result, args.out_dir / "probe.png"))
 
 
 def register_ablate(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "ablate", help="ablate each unit type of a map and measure safety and utility", formatter_class=HelpFormatter
-    )
-    _model_arguments(parser)
-    parser.add_argument("--unit-map", required=True, help="unit map file of this model")
+    description = "ablate each unit type of a map and measure safety and utility"
+    parser = _analysis_parser(subparsers, "ablate", description, unit_map="unit map file of this model")
     parser.add_argument(
-        "--types", nargs="+", default=["SCU", "UCU", "RU", "CU"], choices=("SCU", "UCU", "RU", "CU"),
+        "--types",
+        nargs="+",
+        default=["SCU", "UCU", "RU", "CU"],
+        choices=("SCU", "UCU", "RU", "CU"),
         help="unit types to ablate, one row each",
     )
     parser.add_argument(
         "--no-random-control", action="store_true", help="leave out the row of random units as many as the SCU"
     )
-    parser.add_argument(
-        "--parts", choices=("out_proj", "all"), default="out_proj",
-        help="zero the units' output projections only, or all their weights",
-    )
+    _parts_argument(parser, "zero")
     parser.add_argument("--limit", type=positive_int, default=20, help="records of each evaluation set")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens generated per prompt")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="prompts per generation batch")
@@ -155,7 +141,7 @@ def register_ablate(subparsers: Any) -> None:
 def _load_checked(args: argparse.Namespace, unit_map: UnitMap) -> tuple[Any, Any]:
     """The model, checked against the unit map before anything is done with either."""
     check_model_source(args.model, embedded=EMBEDDED_MODELS)
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args)
     with user_errors(args.unit_map):
         unit_map.check_model(model)
     return model, tokenizer
@@ -165,35 +151,41 @@ def _ablate(args: argparse.Namespace) -> int:
     _check_outputs(args, "ablation", ABLATION_TABLE, ("ablation.json",))
     unit_map = load_unit_map(args.unit_map, "--unit-map")
     model, tokenizer = _load_checked(args, unit_map)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                  show_progress=not args.no_progress)
-    table = ablation_table(model, tokenizer, unit_map, args.types, not args.no_random_control, parts=args.parts,
-                           limit=args.limit, settings=settings, seed=args.seed)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, show_progress=not args.no_progress
+    )
+    table = ablation_table(
+        model,
+        tokenizer,
+        unit_map,
+        args.types,
+        not args.no_random_control,
+        parts=args.parts,
+        limit=args.limit,
+        settings=settings,
+        seed=args.seed,
+    )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     print(table.markdown())
-    png = plot_ablation(table, args.out_dir / "ablation.png")
-    print(f"wrote {table.save(args.out_dir / 'ablation.json')} and {png}")
-    return 0
+    return _wrote(table.save(args.out_dir / "ablation.json"), plot_ablation(table, args.out_dir / "ablation.png"))
 
 
 def register_scan(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "scan", help="size the unit groups by a degradation scan; reclassify the map", formatter_class=HelpFormatter
+    description = "size the unit groups by a degradation scan; reclassify the map"
+    parser = _analysis_parser(
+        subparsers, "scan", description, unit_map="unit map of this model whose scores are ranked"
     )
-    _model_arguments(parser)
-    parser.add_argument("--unit-map", required=True, help="unit map of this model whose scores are ranked")
     parser.add_argument(
         "--criteria", nargs="+", choices=CRITERIA, default=list(CRITERIA), help="unit groups to size, one scan each"
     )
     parser.add_argument(
-        "--fractions", type=positive_fraction, nargs="+",
+        "--fractions",
+        type=positive_fraction,
+        nargs="+",
         help=f"fractions of all units to scan, each in (0, 1] (default: {' '.join(map(str, DEFAULT_FRACTIONS))})",
     )
     parser.add_argument("--limit", type=positive_int, default=12, help="prompts / texts per metric")
-    parser.add_argument(
-        "--parts", choices=("out_proj", "all"), default="out_proj",
-        help="prune the units' output projections only, or all their weights",
-    )
+    _parts_argument(parser, "prune")
     parser.add_argument(
         "--out-map", help="write the map reclassified with the chosen fractions here (default: no map is written)"
     )
@@ -212,9 +204,18 @@ def _scan(args: argparse.Namespace) -> int:
     chosen, results = {}, []
     for criterion in args.criteria:
         result = degradation_scan(
-            model, tokenizer, safety, utility, criterion, metric_fn=metric_fn, parts=args.parts,
-            standardize=unit_map.settings["standardize"], ranking=unit_map.settings["ranking"], unit_map=unit_map,
-            show_progress=not args.no_progress, **extra,
+            model,
+            tokenizer,
+            safety,
+            utility,
+            criterion,
+            metric_fn=metric_fn,
+            parts=args.parts,
+            standardize=unit_map.settings["standardize"],
+            ranking=unit_map.settings["ranking"],
+            unit_map=unit_map,
+            show_progress=not args.no_progress,
+            **extra,
         )
         chosen[criterion.lower()] = result.chosen_fraction
         print(f"{criterion}: chosen fraction {result.chosen_fraction} (scanned {result.fractions})")
@@ -223,9 +224,14 @@ def _scan(args: argparse.Namespace) -> int:
     print(f"wrote {plot_scan(results, args.out_dir / 'scan.png')}")
     if args.out_map:
         sizes = {**{k: unit_map.settings[k] for k in ("scu", "ucu", "ru")}, **chosen}
-        reclassified = UnitMap.from_scores(safety, utility, **sizes, standardize=unit_map.settings["standardize"],
-                                           ranking=unit_map.settings["ranking"],
-                                           composite_fraction=unit_map.composite_fraction)
+        reclassified = UnitMap.from_scores(
+            safety,
+            utility,
+            **sizes,
+            standardize=unit_map.settings["standardize"],
+            ranking=unit_map.settings["ranking"],
+            composite_fraction=unit_map.composite_fraction,
+        )
         reclassified.calibration, reclassified.metadata = unit_map.calibration, unit_map.metadata
         reclassified.save(args.out_map)
         print(reclassified.summary())
@@ -234,11 +240,12 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def register_report(subparsers: Any) -> None:
-    from .checks import RawDescriptionHelpFormatter, add_overwrite_argument
-
-    parser = subparsers.add_parser(
-        "report", help="assemble the figures and tables of a run directory into report.md",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers,
+        "report",
+        "assemble the figures and tables of a run directory into report.md",
+        analysis_report.__doc__.split("\n\n", 1)[1],
+        RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", type=Path, help="run directory with the result files (see above)")
     add_overwrite_argument(parser)
@@ -248,17 +255,6 @@ def register_report(subparsers: Any) -> None:
 def _report(args: argparse.Namespace) -> int:
     """Handler of ``ssah-peft report``: reads every result file first (errors name it), refuses to overwrite files
     ssah-peft did not write, then builds the report."""
-    from .checks import (
-        ANALYSIS_REPORT,
-        EVAL_REPORT_PART,
-        FIGURE_DATA,
-        PNG,
-        CLIError,
-        check_output_dir,
-        load_unit_map,
-        user_errors,
-    )
-
     run_dir = args.run_dir
     if not run_dir.is_dir():
         raise CLIError(f"{run_dir} {'is not a folder' if run_dir.exists() else 'does not exist'}; give a run directory")
@@ -268,8 +264,10 @@ def _report(args: argparse.Namespace) -> int:
     if {"unitmap_before", "unitmap_after"} <= {path.stem for path in maps}:
         figures.append("migration")
     if not figures:
-        raise CLIError(f"{run_dir} holds none of probe.json, ablation.json, scan_*.json, unitmap*.safetensors; give "
-                       "a run directory the probe, ablate or scan commands wrote into (their --out-dir)")
+        raise CLIError(
+            f"{run_dir} holds none of probe.json, ablation.json, scan_*.json, unitmap*.safetensors; give "
+            "a run directory the probe, ablate or scan commands wrote into (their --out-dir)"
+        )
     files = {"report.md": (ANALYSIS_REPORT, EVAL_REPORT_PART)}
     for name in figures:
         files.update({f"figures/{name}.png": PNG, f"figures/{name}.csv": FIGURE_DATA})

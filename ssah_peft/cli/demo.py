@@ -10,9 +10,12 @@ from typing import Any
 
 import torch
 
-from ..demo import DemoConfig, _check_run_dir, run_demo
+from ..experiments import DemoConfig, check_run_dir, run_demo
 from ..models import DEFAULT_MODEL
-from .checks import HelpFormatter, check_model_source, check_output_dir, positive_int, user_errors
+from .errors import user_errors
+from .model_options import check_model_source
+from .options import add_command, positive_int
+from .paths import check_output_dir
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
@@ -21,8 +24,11 @@ from .checks import HelpFormatter, check_model_source, check_output_dir, positiv
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke-test sizes (about 3 minutes on 2 CPU cores)")
-    parser.add_argument("--run-dir", type=Path, help="where stages cache their results "
-                        "(default: runs/demo, or runs/demo-quick with --quick)")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        help="where stages cache their results (default: runs/demo, or runs/demo-quick with --quick)",
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model to align and attack (default: {DEFAULT_MODEL})")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -30,8 +36,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 def register_demo(subparsers: Any) -> None:
     """Add the ``demo`` subcommand to an ``argparse`` subparsers object; it sets ``handler``."""
-    parser = subparsers.add_parser("demo", help="run the whole SSAH experiment end to end (resumable)",
-                                   description="Run the whole SSAH experiment on one chat model, end to end; stages resume from --run-dir.", formatter_class=HelpFormatter)
+    parser = add_command(
+        subparsers,
+        "demo",
+        "run the whole SSAH experiment end to end (resumable)",
+        "Run the whole SSAH experiment on one chat model, end to end; stages resume from --run-dir.",
+    )
     add_demo_arguments(parser)
     parser.set_defaults(handler=run_demo_command, program="ssah-peft demo")
 
@@ -48,9 +58,15 @@ def run_demo_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     config = replace(config, model=args.model, show_progress=not args.no_progress)
     with user_errors(config.run_dir):
-        _check_run_dir(config)  # results of other settings (run_demo checks again, finding them equal)
-    options = [*(["--quick"] if args.quick else []), "--run-dir", str(config.run_dir), "--model", config.model,
-               *(["--threads", str(args.threads)] if args.threads else [])]
+        check_run_dir(config)  # results of other settings (run_demo checks again, finding them equal)
+    options = [
+        *(["--quick"] if args.quick else []),
+        "--run-dir",
+        str(config.run_dir),
+        "--model",
+        config.model,
+        *(["--threads", str(args.threads)] if args.threads else []),
+    ]
     command = f"{args.program} {shlex.join(options)}"
     print(run_demo(config, command=command).read_text(encoding="utf-8"))
     return 0

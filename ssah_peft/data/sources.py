@@ -77,9 +77,7 @@ def load_local(
     if "prompt" not in mapping:
         raise KeyError(f"{path}: no 'prompt' column; map one with columns={{'prompt': '<column>'}}")
     strings = {
-        name: pc.fill_null(pc.cast(table.column(mapping[name]), pa.string()), "")
-        for name in FIELDS
-        if name in mapping
+        name: pc.fill_null(pc.cast(table.column(mapping[name]), pa.string()), "") for name in FIELDS if name in mapping
     }
     return Dataset(pa.table(strings))
 
@@ -123,28 +121,39 @@ class PublicDataset:
 
 PUBLIC_DATASETS: dict[str, PublicDataset] = {
     "advbench": PublicDataset(
-        "walledai/AdvBench", None, "train",
+        "walledai/AdvBench",
+        None,
+        "train",
         lambda row: {"prompt": row["prompt"], "category": "advbench"},
         "520 harmful behaviours (Zou et al. 2023); prompts only, its compliance targets are dropped.",
     ),
     "hex_phi": PublicDataset(
-        "LLM-Tuning-Safety/HEx-PHI", None, "train",
+        "LLM-Tuning-Safety/HEx-PHI",
+        None,
+        "train",
         lambda row: {"prompt": row["prompt"], "category": "hex_phi"},
         "330 harmful instructions in 11 categories (Qi et al. 2023); gated: accept its terms on the hub and log in.",
         {"data_files": "category_*.csv", "header": None, "column_names": ["prompt"]},  # header-less CSV files
     ),
     "alpaca": PublicDataset(
-        "tatsu-lab/alpaca", None, "train",
+        "tatsu-lab/alpaca",
+        None,
+        "train",
         _alpaca,
         "52k instruction-following demonstrations (Taori et al. 2023).",
     ),
     "dolly": PublicDataset(
-        "databricks/databricks-dolly-15k", None, "train",
+        "databricks/databricks-dolly-15k",
+        None,
+        "train",
         _dolly,
         "15k human-written instruction/response pairs (Databricks 2023).",
     ),
     "gsm8k": PublicDataset(
-        "openai/gsm8k", "main", "test", _gsm8k,
+        "openai/gsm8k",
+        "main",
+        "test",
+        _gsm8k,
         "Grade-school math word problems (Cobbe et al. 2021) with an exact-match numeric answer; "
         "split 'train' or 'test'.",
     ),

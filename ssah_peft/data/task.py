@@ -23,25 +23,160 @@ Item = dict[str, str]
 Maker = Callable[[random.Random], tuple[tuple, Item]]
 
 NAMES = (
-    "Ava", "Ben", "Chloe", "Daniel", "Elena", "Farid", "Grace", "Hiro", "Isla", "Jonas", "Kofi", "Lena",
-    "Mateo", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tara", "Umar", "Vera", "Wei", "Yusuf", "Zoe",
+    "Ava",
+    "Ben",
+    "Chloe",
+    "Daniel",
+    "Elena",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Isla",
+    "Jonas",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wei",
+    "Yusuf",
+    "Zoe",
 )
 OBJECTS = (
-    "apples", "marbles", "stickers", "books", "pencils", "cookies", "stamps", "shells", "balloons", "cards",
-    "oranges", "buttons", "candles", "beads", "postcards", "muffins",
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "pencils",
+    "cookies",
+    "stamps",
+    "shells",
+    "balloons",
+    "cards",
+    "oranges",
+    "buttons",
+    "candles",
+    "beads",
+    "postcards",
+    "muffins",
 )
 WORDS = (
-    "amber", "anchor", "apple", "arrow", "badge", "basket", "beach", "bicycle", "blanket", "bridge", "bucket",
-    "butter", "button", "cabin", "camera", "candle", "canyon", "carpet", "castle", "cherry", "circle", "cloud",
-    "clover", "coffee", "copper", "cotton", "crystal", "desert", "dolphin", "dragon", "eagle", "engine",
-    "feather", "fiddle", "forest", "fountain", "galaxy", "garden", "ginger", "glacier", "guitar", "hammer",
-    "harbor", "hazel", "helmet", "island", "jacket", "jungle", "kettle", "kitten", "ladder", "lantern", "lemon",
-    "library", "lizard", "magnet", "maple", "marble", "meadow", "mirror", "monkey", "mountain", "napkin",
-    "needle", "noodle", "ocean", "orange", "orchid", "paddle", "palace", "pepper", "pickle", "pillow", "planet",
-    "pocket", "puzzle", "rabbit", "rainbow", "river", "rocket", "saddle", "salmon", "sandal", "silver",
-    "spider", "spoon", "squirrel", "station", "stone", "summer", "sunset", "tablet", "teapot", "thunder",
-    "ticket", "tiger", "tomato", "tunnel", "turtle", "valley", "velvet", "violin", "wagon", "walnut", "window",
-    "winter", "wizard", "yellow", "zebra",
+    "amber",
+    "anchor",
+    "apple",
+    "arrow",
+    "badge",
+    "basket",
+    "beach",
+    "bicycle",
+    "blanket",
+    "bridge",
+    "bucket",
+    "butter",
+    "button",
+    "cabin",
+    "camera",
+    "candle",
+    "canyon",
+    "carpet",
+    "castle",
+    "cherry",
+    "circle",
+    "cloud",
+    "clover",
+    "coffee",
+    "copper",
+    "cotton",
+    "crystal",
+    "desert",
+    "dolphin",
+    "dragon",
+    "eagle",
+    "engine",
+    "feather",
+    "fiddle",
+    "forest",
+    "fountain",
+    "galaxy",
+    "garden",
+    "ginger",
+    "glacier",
+    "guitar",
+    "hammer",
+    "harbor",
+    "hazel",
+    "helmet",
+    "island",
+    "jacket",
+    "jungle",
+    "kettle",
+    "kitten",
+    "ladder",
+    "lantern",
+    "lemon",
+    "library",
+    "lizard",
+    "magnet",
+    "maple",
+    "marble",
+    "meadow",
+    "mirror",
+    "monkey",
+    "mountain",
+    "napkin",
+    "needle",
+    "noodle",
+    "ocean",
+    "orange",
+    "orchid",
+    "paddle",
+    "palace",
+    "pepper",
+    "pickle",
+    "pillow",
+    "planet",
+    "pocket",
+    "puzzle",
+    "rabbit",
+    "rainbow",
+    "river",
+    "rocket",
+    "saddle",
+    "salmon",
+    "sandal",
+    "silver",
+    "spider",
+    "spoon",
+    "squirrel",
+    "station",
+    "stone",
+    "summer",
+    "sunset",
+    "tablet",
+    "teapot",
+    "thunder",
+    "ticket",
+    "tiger",
+    "tomato",
+    "tunnel",
+    "turtle",
+    "valley",
+    "velvet",
+    "violin",
+    "wagon",
+    "walnut",
+    "window",
+    "winter",
+    "wizard",
+    "yellow",
+    "zebra",
 )
 #: (singular unit, plural unit, target unit plural, factor).
 CONVERSIONS = (
@@ -69,29 +204,35 @@ def _item(prompt: str, working: str, answer: object, category: str) -> Item:
 
 def _addition(rng: random.Random) -> tuple[tuple, Item]:
     name, obj, a, b = rng.choice(NAMES), rng.choice(OBJECTS), rng.randint(3, 99), rng.randint(2, 99)
-    prompt = rng.choice((
-        f"{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?",
-        f"There are {a} {obj} in a box. {name} puts in {b} more. How many {obj} are in the box now?",
-    ))
+    prompt = rng.choice(
+        (
+            f"{name} has {a} {obj} and gets {b} more. How many {obj} does {name} have now?",
+            f"There are {a} {obj} in a box. {name} puts in {b} more. How many {obj} are in the box now?",
+        )
+    )
     return ("add", min(a, b), max(a, b)), _item(prompt, f"{a} + {b} = {a + b}. ", a + b, "arithmetic")
 
 
 def _subtraction(rng: random.Random) -> tuple[tuple, Item]:
     name, obj, b = rng.choice(NAMES), rng.choice(OBJECTS), rng.randint(2, 60)
     a = b + rng.randint(1, 80)
-    prompt = rng.choice((
-        f"{name} had {a} {obj} and gave {b} to a friend. How many {obj} does {name} have left?",
-        f"A shop had {a} {obj} and sold {b} of them. How many {obj} are left?",
-    ))
+    prompt = rng.choice(
+        (
+            f"{name} had {a} {obj} and gave {b} to a friend. How many {obj} does {name} have left?",
+            f"A shop had {a} {obj} and sold {b} of them. How many {obj} are left?",
+        )
+    )
     return ("sub", a, b), _item(prompt, f"{a} - {b} = {a - b}. ", a - b, "arithmetic")
 
 
 def _multiplication(rng: random.Random) -> tuple[tuple, Item]:
     name, obj, a, b = rng.choice(NAMES), rng.choice(OBJECTS), rng.randint(2, 15), rng.randint(2, 25)
-    prompt = rng.choice((
-        f"{name} buys {a} bags with {b} {obj} in each bag. How many {obj} is that in total?",
-        f"There are {a} rows of {obj} with {b} in each row. How many {obj} are there?",
-    ))
+    prompt = rng.choice(
+        (
+            f"{name} buys {a} bags with {b} {obj} in each bag. How many {obj} is that in total?",
+            f"There are {a} rows of {obj} with {b} in each row. How many {obj} are there?",
+        )
+    )
     return ("mul", min(a, b), max(a, b)), _item(prompt, f"{a} × {b} = {a * b}. ", a * b, "arithmetic")
 
 
@@ -105,11 +246,13 @@ def _division(rng: random.Random) -> tuple[tuple, Item]:
 def _conversion(rng: random.Random) -> tuple[tuple, Item]:
     singular, plural, target, factor = rng.choice(CONVERSIONS)
     value = rng.randint(2, 99)
-    prompt = rng.choice((
-        f"Convert {value} {plural} to {target}.",
-        f"How many {target} are in {value} {plural}?",
-        f"{value} {plural} is how many {target}?",
-    ))
+    prompt = rng.choice(
+        (
+            f"Convert {value} {plural} to {target}.",
+            f"How many {target} are in {value} {plural}?",
+            f"{value} {plural} is how many {target}?",
+        )
+    )
     product = value * factor
     working = f"1 {singular} is {factor} {target}, so {value} {plural} is {value} × {factor} = {product} {target}. "
     return ("convert", plural, value), _item(prompt, working, product, "unit_conversion")

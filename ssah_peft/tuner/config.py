@@ -12,10 +12,7 @@ import numpy as np
 import torch
 from peft.config import PeftConfig
 
-from ..units import BLOCK_KINDS
-
-#: Normalised unit sets as stored in ``adapter_config.json``: ``{"<layer>": {"mlp": [...], "attn": [...]}}``.
-UnitsDict = dict[str, dict[str, list[int]]]
+from ..units import BLOCK_KINDS, UnitsDict
 
 DELTA_DTYPES = ("float32", "bfloat16", "float16")
 

@@ -1,13 +1,11 @@
-"""SSAH tuner layers: channel-gathered deltas (select) and slice-masked low-rank updates (protect)."""
+"""SSAH tuner layers: peft's per-adapter state around a linear layer; the update itself is a variant object."""
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
@@ -15,23 +13,22 @@ from transformers.pytorch_utils import Conv1D
 
 from ..units import Axis
 from .slice_index import SliceIndexDict
+from .variants import UPDATES, SSAHUpdate
 
 
 class SSAHLayer(BaseTunerLayer):
     """Per-adapter state of one adapted weight W (``[out, in]`` in the ``nn.Linear`` convention).
 
-    select mode, axis ``"out"``: ``ssah_delta`` is ``[k, in]`` for the rows ``ssah_index`` of W (plus
-    ``ssah_bias`` ``[k]`` when the base layer has a bias); the forward adds ``x @ delta.T`` into those output
-    channels with ``index_add``. Axis ``"in"``: ``ssah_delta`` is ``[out, k]`` for the columns ``ssah_index``;
-    the forward adds ``x[..., index] @ delta.T``. No full-size delta and no copy of W are ever built.
-
-    protect mode: ``ssah_A`` ``[r, in]`` and ``ssah_B`` ``[out, r]`` as in LoRA, with the protected rows of B
-    (axis ``"out"``) or columns of A (axis ``"in"``) replaced by zeros inside every forward and merge, so the
-    protected slices of the effective weight are never changed, whatever the optimizer does to the raw tensors.
+    Each adapter has an update object (:mod:`ssah_peft.tuner.variants`), chosen from its mode when it is created:
+    select mode owns ``ssah_delta`` (``[k, in]`` for the rows ``ssah_index`` of W, axis ``"out"``, plus
+    ``ssah_bias`` ``[k]`` when the base layer has a bias; ``[out, k]`` for the columns, axis ``"in"``), protect
+    mode owns LoRA's ``ssah_A`` ``[r, in]`` and ``ssah_B`` ``[out, r]`` with the protected slices ``ssah_index``
+    masked to zero in every forward and merge. This class holds what the modes share: peft's per-adapter dicts,
+    the slice indices, merging (safe, lossy into quantized weights, and back).
     """
 
     adapter_layer_names: tuple[str, ...] = ("ssah_delta", "ssah_bias", "ssah_A", "ssah_B")
-    other_param_names: tuple[str, ...] = ("ssah_index", "ssah_axis", "ssah_mode", "scaling", "ssah_dropout")
+    other_param_names: tuple[str, ...] = ("ssah_index", "ssah_axis", "ssah_update", "scaling", "ssah_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -42,7 +39,7 @@ class SSAHLayer(BaseTunerLayer):
         self.ssah_index = SliceIndexDict()  # persistent; loading other indices than the config's is refused
         self.ssah_dropout = nn.ModuleDict({})
         self.ssah_axis: dict[str, Axis] = {}
-        self.ssah_mode: dict[str, str] = {}
+        self.ssah_update: dict[str, SSAHUpdate] = {}
         self.scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -71,64 +68,27 @@ class SSAHLayer(BaseTunerLayer):
         index = torch.as_tensor(index, dtype=torch.long)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= length):
             raise ValueError(f"slice index out of range [0, {length}) for axis {axis!r} of {self.get_base_layer()}")
-        self.ssah_mode[adapter_name] = mode
+        update = UPDATES[mode]
+        self.ssah_update[adapter_name] = update
         self.ssah_axis[adapter_name] = axis
         self.scaling[adapter_name] = scaling
         self.ssah_index[adapter_name] = index.to(torch.int32)
         self.ssah_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if mode == "select":
-            k = index.numel()
-            shape = (k, self.in_features) if axis == "out" else (self.out_features, k)
-            self.ssah_delta[adapter_name] = nn.Parameter(torch.zeros(shape))
-            if axis == "out" and getattr(self.get_base_layer(), "bias", None) is not None:
-                self.ssah_bias[adapter_name] = nn.Parameter(torch.zeros(k))
-        else:
-            self.ssah_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
-            self.ssah_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
-            nn.init.kaiming_uniform_(self.ssah_A[adapter_name], a=math.sqrt(5))
+        update.create(self, adapter_name, r)
         if not init_weights:
-            self._randomize(adapter_name)
+            update.randomize(self, adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _randomize(self, adapter_name: str) -> None:
-        """Non-identity start, so tests can see merges, masks and save/load act on real values."""
-        with torch.no_grad():
-            for container in (self.ssah_delta, self.ssah_bias, self.ssah_B):
-                if adapter_name in container:
-                    container[adapter_name].normal_(std=0.02)
-
-    # ------------------------------------------------------------------------------------------------
-    # The effective update
-    # ------------------------------------------------------------------------------------------------
-
-    def _index(self, adapter: str, device: torch.device) -> torch.Tensor:
+    def slice_index(self, adapter: str, device: torch.device) -> torch.Tensor:
+        """The adapter's slice indices as int64 on ``device`` (stored as int32, the form saved with the adapter)."""
         return self.ssah_index[adapter].to(device=device, dtype=torch.long)
 
-    def _masked_lora(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B with the protected slices set to exactly zero (out of place, so their grads are zero)."""
-        A, B = self.ssah_A[adapter], self.ssah_B[adapter]
-        index = self._index(adapter, A.device)
-        if index.numel():
-            if self.ssah_axis[adapter] == "out":
-                B = B.index_fill(0, index, 0.0)
-            else:
-                A = A.index_fill(1, index, 0.0)
-        return A, B
-
     def _adapter_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """``result`` (the base layer's output) plus this adapter's update, in the adapter's dtype."""
-        mode, axis = self.ssah_mode[adapter], self.ssah_axis[adapter]
-        weight = self.ssah_delta[adapter] if mode == "select" else self.ssah_A[adapter]
-        x = self._cast_input_dtype(self.ssah_dropout[adapter](x), weight.dtype)
-        if mode == "protect":
-            A, B = self._masked_lora(adapter)
-            return result + (F.linear(F.linear(x, A), B) * self.scaling[adapter]).to(result.dtype)
-        index = self._index(adapter, x.device)
-        if axis == "in":
-            return result + F.linear(x.index_select(-1, index), weight).to(result.dtype)
-        update = F.linear(x, weight, self.ssah_bias[adapter] if adapter in self.ssah_bias else None)
-        return result.index_add(-1, index, update.to(result.dtype))
+        """``result`` (the base layer's output) plus this adapter's update, computed in the adapter's dtype."""
+        update = self.ssah_update[adapter]
+        x = self._cast_input_dtype(self.ssah_dropout[adapter](x), update.trainable(self, adapter)[0].dtype)
+        return update.forward(self, adapter, x, result)
 
     # ------------------------------------------------------------------------------------------------
     # Merging
@@ -139,35 +99,15 @@ class SSAHLayer(BaseTunerLayer):
 
         Builds a full-size tensor; the forward never does.
         """
-        delta = torch.zeros(self.out_features, self.in_features, device=self._device(adapter))
-        self._add_to_weight(adapter, delta, sign=1.0, transposed=False)
+        update = self.ssah_update[adapter]
+        delta = torch.zeros(self.out_features, self.in_features, device=update.trainable(self, adapter)[0].device)
+        update.add_to_weight(self, adapter, delta, sign=1.0, transposed=False)
         return delta
-
-    def _device(self, adapter: str) -> torch.device:
-        container = self.ssah_delta if self.ssah_mode[adapter] == "select" else self.ssah_A
-        return container[adapter].device
-
-    def _add_to_weight(self, adapter: str, weight: torch.Tensor, sign: float, transposed: bool) -> None:
-        """Add ``sign`` × the update to ``weight`` in place; ``transposed`` for ``[in, out]`` storage (Conv1D)."""
-        out_dim, in_dim = (1, 0) if transposed else (0, 1)
-        with torch.no_grad():
-            if self.ssah_mode[adapter] == "protect":
-                A, B = self._masked_lora(adapter)
-                delta = (B @ A) * (self.scaling[adapter] * sign)
-                weight.add_((delta.T if transposed else delta).to(weight.dtype))
-                return
-            delta = self.ssah_delta[adapter].to(weight.dtype) * sign
-            index = self._index(adapter, weight.device)
-            if self.ssah_axis[adapter] == "out":
-                weight.index_add_(out_dim, index, delta.T if transposed else delta)
-            else:
-                weight.index_add_(in_dim, index, delta.T if transposed else delta)
 
     def _add_to_bias(self, adapter: str, bias: torch.Tensor, sign: float) -> None:
         """Add ``sign`` × the select-mode bias delta to ``bias`` in place."""
         with torch.no_grad():
-            index = self._index(adapter, bias.device)
-            bias.index_add_(0, index, (self.ssah_bias[adapter] * sign).to(bias.dtype))
+            bias.index_add_(0, self.slice_index(adapter, bias.device), (self.ssah_bias[adapter] * sign).to(bias.dtype))
 
     def _apply_to_base(self, adapter: str, sign: float, safe_merge: bool = False) -> None:
         """Add ``sign`` × the update to the base weight and bias. With ``safe_merge`` both are built as copies and
@@ -177,7 +117,7 @@ class SSAHLayer(BaseTunerLayer):
         if safe_merge:
             weight = weight.clone()
             bias = bias.clone() if bias is not None else None
-        self._add_to_weight(adapter, weight, sign, transposed=self.fan_in_fan_out)
+        self.ssah_update[adapter].add_to_weight(self, adapter, weight, sign, transposed=self.fan_in_fan_out)
         if bias is not None:
             self._add_to_bias(adapter, bias, sign)
         if safe_merge and not all(torch.isfinite(t).all() for t in (weight, bias) if t is not None):
@@ -195,7 +135,7 @@ class SSAHLayer(BaseTunerLayer):
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for adapter in adapter_names:
-            if adapter not in self.ssah_mode:
+            if adapter not in self.ssah_update:
                 continue
             if self.quantization_backend is not None:
                 if not self.quantization_backend.supports_merge:
@@ -206,11 +146,11 @@ class SSAHLayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter in self.ssah_mode:
+            if adapter in self.ssah_update:
                 self._apply_to_base(adapter, -1.0)
 
 
@@ -238,7 +178,7 @@ class SSAHLinear(nn.Module, SSAHLayer):
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter in self.active_adapters:
-            if adapter in self.ssah_mode:
+            if adapter in self.ssah_update:
                 result = self._adapter_forward(adapter, x, result)
         return result
 

@@ -11,34 +11,10 @@ from peft.utils import get_quantization_kwargs
 from torch import nn
 
 from ..quantization import disable_cpu_4bit_repacking as _disable_cpu_4bit_repacking
-from ..units import Axis, ArchitectureSpec, resolve_architecture, unit_slices
+from ..units import ArchitectureSpec, Axis, model_shapes, resolve_architecture, unit_slices
 from .config import SSAHConfig
 from .layer import SSAHLayer, SSAHLinear, supported_base_layer
 from .slice_index import ADVICE, index_difference
-
-
-def model_shapes(model: nn.Module, spec: ArchitectureSpec) -> dict[str, Any]:
-    """Layer count, hidden size and per-layer block widths, read from the output projections."""
-    widths: dict[str, dict[int, int]] = {}
-    hidden: set[int] = set()
-    for kind, layer, _, module in spec.output_projections(model):
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        in_features, out_features = _get_in_out_features(base)
-        widths.setdefault(kind, {})[layer] = int(in_features)
-        hidden.add(int(out_features))
-    found = {kind: sorted(widths.get(kind, {})) for kind in spec.blocks}
-    num_layers = len(next(iter(found.values())))
-    if num_layers == 0 or any(layers != list(range(num_layers)) for layers in found.values()):
-        raise ValueError(
-            f"The architecture spec (layers={spec.layers!r}, output projections "
-            f"{ {k: b.out_proj for k, b in spec.blocks.items()} }) does not match this model's modules "
-            f"(layers found per block: {found}). Pass SSAHConfig(architecture=...) describing this model."
-        )
-    return {
-        "num_layers": num_layers,
-        "hidden_sizes": sorted(hidden),
-        "widths": {kind: [w[i] for i in range(num_layers)] for kind, w in widths.items()},
-    }
 
 
 def _validate_units(config: SSAHConfig, shapes: dict[str, Any]) -> None:
@@ -53,7 +29,8 @@ def _validate_units(config: SSAHConfig, shapes: dict[str, Any]) -> None:
             width = shapes["widths"][kind][int(layer)]
             if indices and indices[-1] >= width:
                 raise ValueError(
-                    f"units[{layer}][{kind!r}] has index {indices[-1]}, but the block has {width} units (0..{width - 1})"
+                    f"units[{layer}][{kind!r}] has index {indices[-1]}, "
+                    f"but the block has {width} units (0..{width - 1})"
                 )
     layers = targeted_layers(config, num_layers)
     if config.mode == "protect":
@@ -379,8 +356,8 @@ def _withdraw_adapter(model: nn.Module, adapter_name: str) -> None:
             tuner.delete_adapter(adapter_name)
         return
     for name, module in list(model.named_modules()):  # injected without a tuner (peft's inject_adapter_in_model)
-        if isinstance(module, SSAHLayer) and adapter_name in module.ssah_mode:
-            if set(module.ssah_mode) == {adapter_name}:
+        if isinstance(module, SSAHLayer) and adapter_name in module.ssah_update:
+            if set(module.ssah_update) == {adapter_name}:
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, module.get_base_layer())
             else:

@@ -1,0 +1,53 @@
+"""Experiments with the SSAH method: the demo (``make demo``) and the toolkit its runs and
+``benchmarks/demo_sweep.py`` are built from, one concept per module:
+
+* :mod:`.methods`: THE method table: each fine-tuning method (full, LoRA, SSAH select/protect with a unit
+  selector) once, with its peft config, its units and its learning-rate key;
+* :mod:`.config`: :class:`DemoConfig`, the settings of a run, and its presets;
+* :mod:`.data`: the records trained and evaluated on, cut from the built-in sets;
+* :mod:`.measures`: what every run measures: evaluation metrics and the unit map;
+* :mod:`.finetuning`: completion-only SFT data and one fine-tuning run with a method;
+* :mod:`.caching`: cached results and artifacts in a run directory, and its settings check;
+* :mod:`.stages`: the demo's stages (baseline, align, units, attack with the migration of unit types);
+* :mod:`.report`: the demo's ``report.md`` and ``results.json``;
+* :mod:`.demo`: :func:`run_demo`, every stage in order.
+"""
+
+from .caching import cached_artifact, cached_result, check_run_dir
+from .config import DemoConfig
+from .data import ATTACK_SETS, alignment_records, attack_records, spread, utility_split
+from .demo import run_demo
+from .finetuning import finetune, merged_model, sft_dataset
+from .measures import evaluate_model, unit_map_of
+from .methods import METHODS, Method, UnitSelector, method_named
+from .report import TABLE_HEADER, DemoResults, table_row, write_demo_report
+from .stages import ALIGN_METHODS, ATTACK_METHODS, UnitsStage
+
+__all__ = [
+    "ALIGN_METHODS",
+    "ATTACK_METHODS",
+    "ATTACK_SETS",
+    "METHODS",
+    "TABLE_HEADER",
+    "DemoConfig",
+    "DemoResults",
+    "Method",
+    "UnitSelector",
+    "UnitsStage",
+    "alignment_records",
+    "attack_records",
+    "cached_artifact",
+    "cached_result",
+    "check_run_dir",
+    "evaluate_model",
+    "finetune",
+    "merged_model",
+    "method_named",
+    "run_demo",
+    "sft_dataset",
+    "spread",
+    "table_row",
+    "unit_map_of",
+    "utility_split",
+    "write_demo_report",
+]

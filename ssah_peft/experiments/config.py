@@ -1,0 +1,125 @@
+"""The settings of one demo run (:class:`DemoConfig`) and its two presets, :meth:`DemoConfig.full` and
+:meth:`DemoConfig.quick`.
+
+A module of its own because the settings are shared by everything else in this package and depend on none of it:
+the stages read them, a run directory is pinned to them (``config.json``, :func:`.caching.check_run_dir`), and
+``benchmarks/demo_sweep.py`` varies them. :meth:`DemoConfig.to_json` is that pinned form, so a field added here
+makes existing run directories refuse to resume; the learning-rate dicts are keyed by the methods'
+:attr:`~.methods.Method.learning_rate_key`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..models import DEFAULT_MODEL
+from ..unit_map import DEFAULT_PROPORTIONS
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and settings of one demo run. :meth:`full` fits ~30 min and :meth:`quick` ~3 min on 2 CPU cores."""
+
+    run_dir: Path = Path("runs/demo")
+    model: str = DEFAULT_MODEL
+    seed: int = 0
+    """Of every fine-tuning run (adapter init, data order) and of the ablation check's random control."""
+    # data
+    calibration_pairs: int = 156
+    """Safety and utility calibration pairs scored (each set is cut to this many)."""
+    align_safety_examples: int = 104
+    align_utility_examples: int = 104
+    attack_task_examples: int = 240
+    max_length: int = 160
+    """Tokens of a training example or a calibration sequence, the chat template's included."""
+    # training
+    batch_size: int = 4
+    align_steps: int = 48
+    attack_steps: int = 24
+    protect_epoch_factor: int = 1
+    """Protect-mode attack runs train this many times ``attack_steps``. The paper doubles their epochs; here
+    protect trains as many parameters as LoRA, and at twice the steps it only traded its lower ASR for task
+    accuracy along LoRA's curve (``benchmarks/demo_sweep.py``), so the default compares at equal steps."""
+    align_learning_rates: dict[str, float] = field(
+        default_factory=lambda: {"full": 5e-5, "lora": 1e-3, "ssah_select": 6e-4}
+    )
+    attack_learning_rates: dict[str, float] = field(
+        default_factory=lambda: {"full": 1e-5, "lora": 3e-4, "ssah_protect": 3e-4}
+    )
+    """A moderate attack: at 1e-3 (LoRA) every method, protect included, lost all refusals (ASR 1.0), which hides
+    any difference; ``benchmarks/demo_sweep.py`` measured the choices (README, "The demo")."""
+    lora_r: int = 8
+    # units
+    redundant_fraction: float = 0.2
+    """Share of all units trained by the RU-only alignment (the paper's 20% redundant budget)."""
+    scu_fraction: float = DEFAULT_PROPORTIONS["scu"]
+    ucu_fraction: float = DEFAULT_PROPORTIONS["ucu"]
+    ru_fraction: float = DEFAULT_PROPORTIONS["ru"]
+    """Unit-type proportions of the unit maps (the paper's Llama-2-7B-Chat figures, as ``ssah-peft score``)."""
+    top_composite_fraction: float = 0.06
+    """CU frozen besides the SCU in the "SCU + top CU" protect run (the paper's 6%)."""
+    aligned_method: str = "ssah_select"
+    """The alignment run whose model becomes the base of stages 3 and 4."""
+    migration_runs: list[str] = field(default_factory=lambda: ["task/full", "task/ssah_protect_all_cu"])
+    """Attack runs (``data/method``) whose models are scored again: the unit types of the aligned model before and
+    after the attack, the paper's attribute migration (Fig. 5)."""
+    # evaluation
+    harmful_prompts: int = 36
+    """Held-out harmful prompts of the ASR, spread over their categories (also the ablation check's count)."""
+    overrefusal_prompts: int = 18
+    """Benign prompts that merely look sensitive: the over-refusal rate."""
+    task_prompts: int = 36
+    """Held-out task questions: the exact-match accuracy the attacks train for."""
+    perplexity_texts: int = 36
+    """Held-out utility answers (and task answers) whose perplexity is measured."""
+    probe_prompts: int = 16
+    """Harmful prompts of the reasoning-direction probe."""
+    max_new_tokens: int = 32
+    """Tokens generated per evaluation prompt."""
+    generation_batch_size: int = 36
+    show_progress: bool = True
+
+    @classmethod
+    def full(cls, run_dir: Path = Path("runs/demo"), **overrides: Any) -> DemoConfig:
+        """The default demo: every stage at sizes that fit about 30 minutes on 2 CPU cores."""
+        return cls(run_dir=Path(run_dir), **overrides)
+
+    @classmethod
+    def quick(cls, run_dir: Path = Path("runs/demo-quick"), **overrides: Any) -> DemoConfig:
+        """Every stage at smoke-test sizes (about 3 minutes on 2 CPU cores); the numbers are not meaningful."""
+        sizes = dict(
+            calibration_pairs=8,
+            align_safety_examples=8,
+            align_utility_examples=8,
+            attack_task_examples=8,
+            max_length=96,
+            batch_size=2,
+            align_steps=2,
+            attack_steps=2,
+            harmful_prompts=6,
+            overrefusal_prompts=3,
+            task_prompts=4,
+            perplexity_texts=4,
+            probe_prompts=4,
+            max_new_tokens=8,
+            generation_batch_size=6,
+        )
+        return cls(run_dir=Path(run_dir), **{**sizes, **overrides})
+
+    @property
+    def unit_fractions(self) -> dict[str, float]:
+        """``scu``, ``ucu``, ``ru`` of a full classification: the aligned model (stage 3) and attacked models."""
+        return {"scu": self.scu_fraction, "ucu": self.ucu_fraction, "ru": self.ru_fraction}
+
+    @property
+    def alignment_fractions(self) -> dict[str, float]:
+        """Only RU, at the alignment budget ``redundant_fraction``: the base model's map (stage 2)."""
+        return {"scu": 0.0, "ucu": 0.0, "ru": self.redundant_fraction}
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings that determine results (``run_dir`` and ``show_progress`` do not)."""
+        settings = asdict(self)
+        del settings["run_dir"], settings["show_progress"]
+        return settings

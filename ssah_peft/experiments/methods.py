@@ -1,0 +1,152 @@
+"""The method table: every fine-tuning method the experiments compare, each defined once.
+
+A :class:`Method` says everything a run needs to know about how it trains: its peft config (none for full
+fine-tuning), the units it trains or freezes, chosen from a :class:`~ssah_peft.UnitMap` by a :class:`UnitSelector`,
+and which learning rate of the demo's settings it takes. The demo's stages and ``benchmarks/demo_sweep.py`` take
+their methods from :data:`METHODS`; ``benchmarks/train_step.py`` (and ``adapter_size.py`` through it) build their
+LoRA, protect and select configs with the same adapter builders. A method's name is its key there, its run
+directory and its row in a report; no code reads anything out of the name.
+
+Adding a method takes a selector and one line. A control for the unit choice (issue 17), for example: a
+:class:`UnitSelector` whose ``choose`` draws random units with the per-layer counts of another selector's (see
+:func:`ssah_peft.analysis.random_units_like`), or takes the units a rival scorer ranks first, then
+``ssah_protect("ssah_protect_top_cu_random", that_selector)`` added to :data:`METHODS` and to the stage that runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional
+
+from peft import LoraConfig, PeftConfig
+
+from ..analysis import units_dict
+from ..tuner import SSAHConfig
+from ..unit_map import UnitMap, UnitsDict
+
+# ----------------------------------------------------------------------------------------------------
+# Adapter builders: (units, rank) -> peft config
+# ----------------------------------------------------------------------------------------------------
+
+AdapterBuilder = Callable[[Optional[UnitsDict], int], PeftConfig]
+
+
+def lora_config(units: Optional[UnitsDict] = None, rank: int = 8) -> LoraConfig:
+    """LoRA of rank ``rank`` on every linear layer but the output head, scaled by alpha = 2·rank; ``units`` is
+    ignored. Protect mode uses the same rank and scaling, so the two differ only in the frozen units."""
+    return LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def protect_config(units: Optional[UnitsDict], rank: int = 8) -> SSAHConfig:
+    """SSAH protect mode: a rank-``rank`` update (alpha = 2·rank, as :func:`lora_config`) with ``units`` frozen."""
+    return SSAHConfig(units=units, mode="protect", r=rank, alpha=2 * rank)
+
+
+def select_config(units: Optional[UnitsDict], rank: int = 8) -> SSAHConfig:
+    """SSAH select mode: dense deltas of ``units`` only; ``rank`` is ignored."""
+    return SSAHConfig(units=units, mode="select")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Unit selectors: unit map -> units
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnitSelector:
+    """Chooses a method's units from a unit map: those it trains (select) or those it freezes (protect).
+
+    ``choose`` may be any function of the map, e.g. random units of the counts another selector picks per layer.
+    """
+
+    name: str
+    """What the units are, for messages and reports, e.g. ``"SCU + top CU"``."""
+    choose: Callable[[UnitMap], UnitsDict]
+
+    def __call__(self, unit_map: UnitMap) -> UnitsDict:
+        return self.choose(unit_map)
+
+
+def _redundant(unit_map: UnitMap) -> UnitsDict:
+    return unit_map.config_units("select")
+
+
+def _safety_and_top_composite(unit_map: UnitMap) -> UnitsDict:
+    return unit_map.config_units("protect")
+
+
+def _safety_and_all_composite(unit_map: UnitMap) -> UnitsDict:
+    return units_dict(unit_map, ["SCU", "CU"])
+
+
+#: The redundant units (RU): the paper's alignment budget.
+REDUNDANT = UnitSelector("RU", _redundant)
+#: The safety-critical units plus the map's most safety-leaning composite units (``composite_fraction``).
+SAFETY_AND_TOP_COMPOSITE = UnitSelector("SCU + top CU", _safety_and_top_composite)
+#: The safety-critical and all composite units.
+SAFETY_AND_ALL_COMPOSITE = UnitSelector("SCU + all CU", _safety_and_all_composite)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method of the comparisons."""
+
+    name: str
+    """Its key in :data:`METHODS`, its run directory and its name in results and reports."""
+    adapter: Optional[AdapterBuilder]
+    """Builds its peft config from its units and the LoRA rank; None: full fine-tuning (every weight trains)."""
+    learning_rate_key: str
+    """Its key in ``DemoConfig.align_learning_rates`` / ``attack_learning_rates``; methods that differ only in
+    their units share one."""
+    units: Optional[UnitSelector] = None
+    """Chooses its units from a unit map; None: it needs no unit map."""
+    freezes_units: bool = False
+    """Whether ``units`` are held fixed (protect) rather than the only ones trained (select)."""
+
+    def units_of(self, unit_map: Optional[UnitMap]) -> Optional[UnitsDict]:
+        """The units its adapter is given, chosen from ``unit_map``; None for a method without units."""
+        if self.units is None:
+            return None
+        if unit_map is None:
+            raise ValueError(f"Method {self.name!r} chooses its units ({self.units.name}) from a unit map; give one")
+        return self.units(unit_map)
+
+    def peft_config(self, units: Optional[UnitsDict] = None, rank: int = 8) -> Optional[PeftConfig]:
+        """Its adapter for ``units`` (from :meth:`units_of`); None for full fine-tuning."""
+        return None if self.adapter is None else self.adapter(units, rank)
+
+
+def ssah_protect(name: str, frozen: UnitSelector) -> Method:
+    """A protect-mode method: LoRA-like training with the ``frozen`` units held at exactly zero update."""
+    return Method(name, protect_config, "ssah_protect", units=frozen, freezes_units=True)
+
+
+def ssah_select(name: str, trained: UnitSelector) -> Method:
+    """A select-mode method: only the ``trained`` units train."""
+    return Method(name, select_config, "ssah_select", units=trained)
+
+
+FULL = Method("full", None, "full")
+LORA = Method("lora", lora_config, "lora")
+SSAH_SELECT_RU = ssah_select("ssah_select", REDUNDANT)
+SSAH_PROTECT_TOP_CU = ssah_protect("ssah_protect_top_cu", SAFETY_AND_TOP_COMPOSITE)
+SSAH_PROTECT_ALL_CU = ssah_protect("ssah_protect_all_cu", SAFETY_AND_ALL_COMPOSITE)
+
+#: Every method by name.
+METHODS: dict[str, Method] = {
+    method.name: method for method in (FULL, LORA, SSAH_SELECT_RU, SSAH_PROTECT_TOP_CU, SSAH_PROTECT_ALL_CU)
+}
+
+
+def method_named(name: str) -> Method:
+    """The method called ``name`` in :data:`METHODS`; ``KeyError`` naming the known ones otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise KeyError(f"Unknown method {name!r}; known: {', '.join(METHODS)}") from None

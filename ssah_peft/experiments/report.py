@@ -1,0 +1,194 @@
+"""The demo's report: ``report.md`` (the table of every run, figures, unit counts, checks, settings) and
+``results.json`` in the run directory.
+
+A module of its own because the report is the demo's product and is read by people: its table row
+(:func:`table_row`, also printed by ``benchmarks/demo_sweep.py``) and each section are small functions here, so a
+change to one section is made in one place and the stages never format text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import DemoConfig
+from .stages import UnitsStage
+
+TABLE_HEADER = (
+    "| stage | method | data | ASR ↓ | over-refusal ↓ | task acc. ↑ | PPL ↓ | trainable params | stored size | "
+    "train steps | train time |",
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+)
+
+Results = Mapping[str, Any]
+
+
+def stored_size(num_bytes: int) -> str:
+    """``num_bytes`` in KiB or MiB; a dash for nothing stored."""
+    if not num_bytes:
+        return "–"
+    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 else f"{num_bytes / 1024:.1f} KiB"
+
+
+def table_row(stage: str, data: str, result: Results) -> str:
+    """One line of the results table."""
+    m = result["metrics"]
+    cells = [
+        stage,
+        result["method"],
+        data,
+        f"{m['asr']:.3f}",
+        f"{m['overrefusal']:.3f}",
+        f"{m['task_accuracy']:.3f}",
+        f"{m['perplexity']:.2f}",
+        f"{result['trainable_parameters']:,}",
+        stored_size(result["stored_bytes"]),
+        f"{result.get('steps', 0) or '–'}",
+        f"{result['train_seconds']:.0f} s",
+    ]
+    return f"| {' | '.join(cells)} |"
+
+
+def _introduction(config: DemoConfig, command: str) -> list[str]:
+    """Title, command line, and what each column measures."""
+    definitions = " ".join(
+        [
+            f"ASR: keyword attack success on {config.harmful_prompts} held-out harmful prompts; over-refusal on "
+            f"{config.overrefusal_prompts} benign sensitive-looking prompts; task accuracy: exact match on "
+            f"{config.task_prompts} task_test prompts; PPL: perplexity of {config.perplexity_texts} held-out utility "
+            "answers.",
+            f"Greedy decoding, {config.max_new_tokens} new tokens.",
+            f"Stage 4 fine-tunes the stage-2 model aligned with `{config.aligned_method}`; protect runs train "
+            f"{config.protect_epoch_factor}× the steps of the others (the paper doubles their epochs).",
+            "Stored size: the adapter file, or the trainable weights (fp32) for full fine-tuning.",
+            "Trainable parameters of protect mode count its raw A and B, the entries that the protection holds at "
+            "zero included (as `print_trainable_parameters`).",
+            "Every model is evaluated with the chat template's default system prompt, also after the "
+            "identity-shifting attack (which trains with the persona's system prompt).",
+        ]
+    )
+    return [f"# SSAH demo: {config.model}", "", f"Command: `{command}`", "", definitions, ""]
+
+
+def _results_table(baseline: Results, align: Mapping[str, Results], attack: Mapping[str, Results]) -> list[str]:
+    rows = [table_row("1 baseline", "–", baseline)]
+    rows += [table_row("2 align", "refusals + benign", result) for result in align.values()]
+    rows += [table_row("4 attack", result["data"], result) for result in attack.values()]
+    return [*TABLE_HEADER, *rows, ""]
+
+
+def _figures() -> list[str]:
+    return [
+        "## Figures",
+        "",
+        "Unit types per layer of the base model (only RU classified: the alignment budget) and of the aligned "
+        "model (SCU, UCU, CU, RU):",
+        "",
+        "![base model units](align/unitmap_base.png)",
+        "",
+        "![aligned model units](units/unitmap_aligned.png)",
+        "",
+    ]
+
+
+def _units(config: DemoConfig, units: UnitsStage) -> list[str]:
+    """The aligned model's unit counts and the SCU ablation check."""
+    return [
+        "## Units of the aligned model",
+        "",
+        *_block(units.unit_map.summary()),
+        f"SCU ablation check (output-projection columns zeroed; the first {config.harmful_prompts} prompts of each "
+        f"evaluation set, perplexity of all utility_calibration answers): {units.scu_check()}.",
+        "",
+        units.ablation.markdown(),
+        "",
+        "![ablation](units/ablation.png)",
+        "",
+    ]
+
+
+def _probes(units: UnitsStage) -> list[str]:
+    lines = [
+        "## Refusal-direction probe",
+        "",
+        "Cosine distance of a harmful query's hidden state to a refusal and to a compliance continuation, per block "
+        "(the paper's Sec. 3).",
+        "",
+    ]
+    for name, probe in units.probes.items():
+        lines += [f"- {name} model: {probe.verdict()}", "", f"![probe of the {name} model](units/probe_{name}.png)", ""]
+    return lines
+
+
+def _migrations(attack: Mapping[str, Results]) -> list[str]:
+    """The unit types of the aligned model against those after each attack scored again (``migration_runs``)."""
+    lines = [
+        "## Attribute migration",
+        "",
+        "Unit types of the aligned model (rows) against those of the same model after an attack (columns), scored "
+        "on the same calibration data with the same proportions (the paper's Fig. 5).",
+        "",
+    ]
+    for key, result in attack.items():
+        if "migration" in result:
+            lines += [f"### {key}", "", *_block(result["migration"])]
+            lines += [f"![migration after {key}](attack/{key}/migration.png)", ""]
+    return lines
+
+
+def _settings(config: DemoConfig) -> list[str]:
+    return ["## Settings", "", "```json", json.dumps(config.to_json(), indent=2), "```", ""]
+
+
+def _block(text: str) -> list[str]:
+    """``text`` as a fenced code block followed by a blank line."""
+    return ["```", text, "```", ""]
+
+
+@dataclass
+class DemoResults:
+    """What the stages found, as the report shows it (``results.json``: :meth:`to_json`)."""
+
+    baseline: Results
+    align: Mapping[str, Results]
+    """Alignment runs by method name."""
+    units: UnitsStage
+    attack: Mapping[str, Results]
+    """Attack runs by ``data/method``."""
+
+    def to_json(self) -> dict[str, Any]:
+        units = self.units
+        return {
+            "baseline": self.baseline,
+            "align": self.align,
+            "attack": self.attack,
+            "scu_check": units.scu_check(),
+            "ablation": units.ablation.to_dict(),
+            "probes": {name: probe.verdict() for name, probe in units.probes.items()},
+        }
+
+
+def demo_report(config: DemoConfig, results: DemoResults, command: str) -> str:
+    """The text of ``report.md``."""
+    sections = [
+        _introduction(config, command),
+        _results_table(results.baseline, results.align, results.attack),
+        _figures(),
+        _units(config, results.units),
+        _probes(results.units),
+        _migrations(results.attack),
+        _settings(config),
+    ]
+    return "\n".join(line for section in sections for line in section)
+
+
+def write_demo_report(config: DemoConfig, results: DemoResults, command: str) -> Path:
+    """Write ``report.md`` (table, figures, unit counts, command line) and ``results.json`` into the run dir;
+    returns the path of ``report.md``."""
+    path = config.run_dir / "report.md"
+    path.write_text(demo_report(config, results, command), encoding="utf-8")
+    (config.run_dir / "results.json").write_text(json.dumps(results.to_json(), indent=2) + "\n", encoding="utf-8")
+    return path

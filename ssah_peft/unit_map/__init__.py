@@ -1,0 +1,40 @@
+"""Unit maps: every unit of a model classified as safety-critical (SCU), utility-critical (UCU), composite (CU) or
+redundant (RU) from its safety and utility scores (Li & Kim, arXiv 2410.10862, Sec. 4).
+
+* :mod:`.codes`: the unit types, their codes and :data:`DEFAULT_PROPORTIONS`, the default group sizes;
+* :mod:`.classification`: :class:`UnitMap`, the classification rules and the unit sets a map gives a config;
+* :mod:`.file_format`: saving a map and checking a loaded file;
+* :mod:`.report` and :mod:`.migration`: the text/figure summaries and the type migration between two maps.
+
+Every name is importable from ``ssah_peft.unit_map``.
+"""
+
+from __future__ import annotations
+
+from .classification import UnitMap, check_model_fingerprint
+from .codes import (
+    DEFAULT_PROPORTIONS,
+    UNIT_TYPE_NAMES,
+    UNIT_TYPES,
+    PerBlock,
+    Ranking,
+    UnitsDict,
+    UnitType,
+)
+from .file_format import FILE_FORMAT, FILE_FORMAT_VERSION
+from .migration import Migration
+
+__all__ = [
+    "DEFAULT_PROPORTIONS",
+    "FILE_FORMAT",
+    "FILE_FORMAT_VERSION",
+    "UNIT_TYPES",
+    "UNIT_TYPE_NAMES",
+    "Migration",
+    "PerBlock",
+    "Ranking",
+    "UnitMap",
+    "UnitType",
+    "UnitsDict",
+    "check_model_fingerprint",
+]
