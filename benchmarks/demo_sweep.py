@@ -20,7 +20,6 @@ at the end is the demo report's.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ssah_peft.evaluate import mean_sd
 from ssah_peft.experiments import (
     TABLE_HEADER,
     DemoConfig,
@@ -68,9 +68,9 @@ def seed_summary(by_run: dict[str, list[dict[str, float]]]) -> list[str]:
     for name, runs in by_run.items():
         cells = []
         for key, digits in (("asr", 3), ("overrefusal", 3), ("task_accuracy", 3), ("perplexity", 2)):
-            values = [m[key] for m in runs]
-            spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.fmean(values):.{digits}f}{spread}")
+            mean, sd = mean_sd([m[key] for m in runs])
+            spread = f" ± {sd:.{digits}f}" if len(runs) > 1 else ""
+            cells.append(f"{mean:.{digits}f}{spread}")
         lines.append(f"| {name} | {len(runs)} | {' | '.join(cells)} |")
     return lines
 

@@ -89,6 +89,12 @@ def tiny_tokenizer():
     return tokenizer
 
 
+def tiny_chat_llama(tokenizer, **overrides) -> torch.nn.Module:
+    """A tiny random Llama whose vocabulary and special tokens fit ``tokenizer`` (:func:`tiny_tokenizer`)."""
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tiny_model("llama", vocab_size=len(tokenizer), **ids, **overrides)
+
+
 def assert_update_confined(model: torch.nn.Module, mode: str, adapter: str = "default") -> None:
     """In every SSAH layer of ``model``, the effective update is exactly zero outside the slices ``mode`` may change.
 

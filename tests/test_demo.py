@@ -8,14 +8,16 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_chat_llama, tiny_tokenizer
 from safetensors.torch import load_file
 
 from ssah_peft import UnitMap
+from ssah_peft.evaluate import format_rate
 from ssah_peft.experiments import (
     ALIGN_METHODS,
     ATTACK_METHODS,
     ATTACK_SETS,
+    RANDOM_CONTROLS,
     DemoConfig,
     run_demo,
     spread,
@@ -27,14 +29,7 @@ def tiny_loader(calls: list):
     def load():
         calls.append(1)
         tokenizer = tiny_tokenizer()
-        model = tiny_model(
-            "llama",
-            vocab_size=len(tokenizer),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            intermediate_size=64,
-        )
-        return model, tokenizer
+        return tiny_chat_llama(tokenizer, intermediate_size=64), tokenizer
 
     return load
 
@@ -114,6 +109,55 @@ def test_report_table_has_every_run(demo_run):
     assert "`pytest demo`" in text and "unitmap_aligned.png" in text
     assert "SCU ablation check" in text and ("passes:" in text or "fails:" in text)
     assert "## Attribute migration" in text and "attack/task/full/migration.png" in text
+
+
+def test_every_ssah_run_has_a_random_control_of_the_same_counts_per_layer_and_kind(demo_run):
+    config, report, _ = demo_run
+    runs = [config.run_dir / "align"] + [config.run_dir / "attack" / data for data in ATTACK_SETS]
+    for run in runs:
+        for name, control in RANDOM_CONTROLS.items():
+            if not (run / name).is_dir():
+                continue
+            method, random = (json.loads((run / n / "result.json").read_text()) for n in (name, control.name))
+            assert random["method"] == control.name and random["steps"] == method["steps"]
+            assert random["unit_counts"] == method["unit_counts"] and sum(
+                n for blocks in method["unit_counts"].values() for n in blocks.values()
+            )
+    assert (config.run_dir / "align" / "ssah_select_random").is_dir()
+    assert all((config.run_dir / "attack" / d / "ssah_protect_all_cu_random").is_dir() for d in ATTACK_SETS)
+    rows = [line for line in report.read_text().splitlines() if line.startswith("| ")]
+    for control in RANDOM_CONTROLS.values():
+        assert any(f"| {control.name} |" in row for row in rows)
+
+
+def test_report_shows_every_rate_with_its_wilson_interval(demo_run):
+    config, report, _ = demo_run
+    text = report.read_text()
+    baseline = json.loads((config.run_dir / "baseline" / "result.json").read_text())
+    harmful = baseline["safety"]["harmful"]
+    row = next(line for line in text.splitlines() if line.startswith("| 1 baseline |"))
+    assert format_rate(harmful["attack_successes"], harmful["n"]) in row
+    assert "Wilson" in text
+    for line in text.splitlines():
+        if line.startswith(("| 1 ", "| 2 ", "| 4 ", "| none |", "| SCU |", "| random (")):  # runs, ablation rows
+            assert line.count(" [") == 3, line  # ASR, over-refusal, task accuracy
+    results = json.loads((config.run_dir / "results.json").read_text())
+    assert {"baseline", "align", "attack", "scu_check", "ablation", "probes"} <= results.keys()  # the old keys
+    low, high = results["intervals"]["baseline"]["asr"]
+    assert low <= harmful["asr"] <= high
+
+
+def test_report_has_the_stability_table_of_halves_and_scorers(demo_run):
+    config, report, _ = demo_run
+    text = report.read_text()
+    assert "## Stability of the unit sets" in text and "| maps compared | IoU SCU | IoU RU |" in text
+    stability = json.loads((config.run_dir / "units" / "stability.json").read_text())
+    assert [row["comparison"] for row in stability["rows"]] == [
+        "calibration halves (variance)",
+        "variance vs wanda (all calibration data)",
+    ]
+    for row in stability["rows"]:
+        assert all(0.0 <= value <= 1.0 for value in row["iou"].values()) and f"| {row['comparison']} |" in text
 
 
 def test_rerun_resumes_from_cache_without_loading_a_model(demo_run):

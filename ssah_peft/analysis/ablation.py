@@ -30,9 +30,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._files import read_json, write_json
-from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility
+from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility, format_rate
 from ..quantization import dense_weight, writable_weight
-from ..unit_map import UnitMap
+from ..unit_map import UnitMap, random_units_with_counts
 from ..units import ArchitectureSpec, UnitParts, UnitsDict, model_shapes, resolve_architecture, union_units, unit_slices
 
 #: Units as ``{layer: {"mlp": [...], "attn": [...]}}`` (layer as int or str; kinds may be missing).
@@ -181,24 +181,11 @@ def random_units_like(
     """A random control for ``units``: as many units per layer and kind, drawn from the units NOT in the set.
 
     Drawing from the complement makes the comparison "these units vs. others of the same size and place"; a
-    block where the set holds more than half of the units cannot be matched and raises ``ValueError``.
+    block where the set holds more than half of the units cannot be matched and raises ``ValueError``
+    (:func:`ssah_peft.unit_map.random_units_with_counts` with the model's widths).
     """
-    chosen = units_dict(units, types)
     widths = model_shapes(model, spec or resolve_architecture(model.config))["widths"]
-    generator = torch.Generator().manual_seed(seed)
-    control: UnitsDict = {}
-    for layer, blocks in chosen.items():
-        for kind, indices in blocks.items():
-            others = torch.ones(widths[kind][int(layer)], dtype=torch.bool)
-            others[indices] = False
-            candidates = torch.nonzero(others).flatten()
-            if len(indices) > candidates.numel():
-                raise ValueError(
-                    f"Layer {layer} {kind}: {len(indices)} units leave only {candidates.numel()} others to draw from"
-                )
-            picked = candidates[torch.randperm(candidates.numel(), generator=generator)[: len(indices)]]
-            control.setdefault(layer, {})[kind] = sorted(picked.tolist())
-    return control
+    return random_units_with_counts(units_dict(units, types), widths, seed, exclude_given=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,6 +206,13 @@ class AblationRow:
     accuracy: float
     perplexity: float
     seconds: float
+    counts: dict[str, list[int]] = field(default_factory=dict)
+    """``[hits, n]`` behind ``asr``, ``overrefusal`` and ``accuracy``, for their Wilson intervals (absent in tables
+    saved before they were recorded)."""
+
+    def rate_cell(self, rate: str) -> str:
+        """The rate ``rate`` with its 95% Wilson interval, or bare where its counts were not recorded."""
+        return format_rate(*self.counts[rate]) if rate in self.counts else f"{getattr(self, rate):.3f}"
 
 
 @dataclass
@@ -235,8 +229,8 @@ class AblationTable:
         ]
         for r in self.rows:
             lines.append(
-                f"| {r.name} | {r.num_units} | {100 * r.share:.1f}% | {r.asr:.3f} | {r.overrefusal:.3f} | "
-                f"{r.accuracy:.3f} | {r.perplexity:.2f} | {r.seconds:.0f} |"
+                f"| {r.name} | {r.num_units} | {100 * r.share:.1f}% | {r.rate_cell('asr')} | "
+                f"{r.rate_cell('overrefusal')} | {r.rate_cell('accuracy')} | {r.perplexity:.2f} | {r.seconds:.0f} |"
             )
         return "\n".join(lines)
 
@@ -254,7 +248,7 @@ class AblationTable:
 
 def _measure(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, settings: GenerationSettings, limit: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     from ..data import load_builtin
 
     safety, _ = evaluate_safety(model, tokenizer, settings=settings, limit=limit)
@@ -265,11 +259,17 @@ def _measure(
         limit=limit,
         perplexity_sets={"utility_calibration": load_builtin("utility_calibration")},
     )
+    harmful, benign, task = safety["harmful"], safety["overrefusal"], utility["task"]
     return {
-        "asr": safety["harmful"]["asr"],
-        "overrefusal": safety["overrefusal"]["rate"],
-        "accuracy": utility["task"]["accuracy"],
+        "asr": harmful["asr"],
+        "overrefusal": benign["rate"],
+        "accuracy": task["accuracy"],
         "perplexity": utility["perplexity"]["utility_calibration"]["ppl"],
+        "counts": {
+            "asr": [harmful["attack_successes"], harmful["n"]],
+            "overrefusal": [benign["refusals"], benign["n"]],
+            "accuracy": [task["correct"], task["n"]],
+        },
     }
 
 

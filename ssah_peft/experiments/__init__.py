@@ -9,6 +9,7 @@
 * :mod:`.finetuning`: completion-only SFT data and one fine-tuning run with a method;
 * :mod:`.caching`: cached results and artifacts in a run directory, and its settings check;
 * :mod:`.stages`: the demo's stages (baseline, align, units, attack with the migration of unit types);
+* :mod:`.stability`: the IoU of the unit sets between calibration halves and scorers;
 * :mod:`.report`: the demo's ``report.md`` and ``results.json``;
 * :mod:`.demo`: :func:`run_demo`, every stage in order.
 """
@@ -19,8 +20,9 @@ from .data import ATTACK_SETS, alignment_records, attack_records, spread, utilit
 from .demo import run_demo
 from .finetuning import finetune, merged_model, sft_dataset
 from .measures import evaluate_model, unit_map_of
-from .methods import METHODS, Method, UnitSelector, method_named
-from .report import TABLE_HEADER, DemoResults, table_row, write_demo_report
+from .methods import METHODS, RANDOM_CONTROLS, Method, UnitSelector, budget_selector, method_named, random_like
+from .report import TABLE_HEADER, DemoResults, rate_cell, table_row, write_demo_report
+from .stability import StabilityTable, stability_table
 from .stages import ALIGN_METHODS, ATTACK_METHODS, UnitsStage
 
 __all__ = [
@@ -28,14 +30,17 @@ __all__ = [
     "ATTACK_METHODS",
     "ATTACK_SETS",
     "METHODS",
+    "RANDOM_CONTROLS",
     "TABLE_HEADER",
     "DemoConfig",
     "DemoResults",
     "Method",
+    "StabilityTable",
     "UnitSelector",
     "UnitsStage",
     "alignment_records",
     "attack_records",
+    "budget_selector",
     "cached_artifact",
     "cached_result",
     "check_run_dir",
@@ -43,9 +48,12 @@ __all__ = [
     "finetune",
     "merged_model",
     "method_named",
+    "random_like",
+    "rate_cell",
     "run_demo",
     "sft_dataset",
     "spread",
+    "stability_table",
     "table_row",
     "unit_map_of",
     "utility_split",

@@ -14,7 +14,12 @@ which is effectively unaligned (keyword ASR about 0.9), so it must be aligned be
    identity-shifting set (Qi et al. 2023) with full fine-tuning, LoRA, and SSAH protect mode (SCU + top CU
    frozen; SCU + all CU frozen), the protect runs with ``protect_epoch_factor`` times the steps (the paper
    doubles them; the default is 1, see the field).
-5. **report**: ``report.md`` with one table of every run, the figures and the command line.
+5. **report**: ``report.md`` with one table of every run (rates with 95% Wilson intervals), the figures, the
+   stability of the unit sets and the command line.
+
+Every SSAH run of stages 2 and 4 has a random control (:data:`.methods.RANDOM_CONTROLS`): random units with exactly
+its count of units per layer and block kind, trained the same way, so the table shows whether the chosen units
+matter; stage 3 also compares unit maps of two disjoint calibration halves and of another scorer (:mod:`.stability`).
 
 Every stage writes its results into the run directory (``result.json`` per run, unit maps, adapters, the merged
 aligned model) and skips any run whose results are already there, so an interrupted demo resumes where it

@@ -109,6 +109,10 @@ def finetune(
         "stored_bytes": stored,
         "train_seconds": round(seconds, 2),
     }
+    if units is not None:  # what a random control must match: the count of units per layer and kind
+        info["unit_counts"] = {
+            layer: {kind: len(idx) for kind, idx in blocks.items()} for layer, blocks in units.items()
+        }
     return model, info
 
 

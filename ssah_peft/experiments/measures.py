@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..data import load_builtin
 from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility
-from ..scoring import build_calibration_batches, score_units
+from ..scoring import ScoringMethod, build_calibration_batches, score_units
 from ..unit_map import UnitMap
 from .config import DemoConfig
 from .data import spread, utility_split
@@ -73,14 +73,31 @@ def evaluate_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, c
 
 
 def unit_map_of(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: DemoConfig, fractions: Mapping[str, float]
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DemoConfig,
+    fractions: Mapping[str, float],
+    *,
+    method: ScoringMethod = "variance",
+    half: Optional[int] = None,
 ) -> UnitMap:
-    """Score ``model`` on the safety and utility calibration sets (the paper's Eq. 1) and classify its units at
-    ``fractions`` (``scu``, ``ucu``, ``ru``: :attr:`DemoConfig.unit_fractions` or
-    :attr:`DemoConfig.alignment_fractions`)."""
+    """Score ``model`` on the safety and utility calibration sets (the paper's Eq. 1, or the ``method`` baseline)
+    and classify its units at ``fractions`` (``scu``, ``ucu``, ``ru``: :attr:`DemoConfig.unit_fractions` or
+    :attr:`DemoConfig.alignment_fractions`).
+
+    ``half`` (0 or 1) scores only every other calibration pair, starting at that one: two disjoint halves that
+    both cover every category, for the stability of the unit sets (:mod:`.stability`).
+    """
+    if half not in (None, 0, 1):
+        raise ValueError(f"half must be None, 0 or 1, got {half!r}")
     scores = []
     for name in ("safety_calibration", "utility_calibration"):
         pairs = spread(load_builtin(name), config.calibration_pairs)
+        if half is not None:
+            pairs = pairs[half::2]
         batches = build_calibration_batches(tokenizer, pairs, tokens="response", max_length=config.max_length)
-        scores.append(score_units(model, batches, show_progress_bar=config.show_progress, metadata={"data": name}))
+        metadata = {"data": name} if half is None else {"data": name, "half": half}
+        scores.append(
+            score_units(model, batches, method=method, show_progress_bar=config.show_progress, metadata=metadata)
+        )
     return UnitMap.from_scores(scores[0], scores[1], **fractions, composite_fraction=config.top_composite_fraction)

@@ -7,10 +7,10 @@ their methods from :data:`METHODS`; ``benchmarks/train_step.py`` (and ``adapter_
 LoRA, protect and select configs with the same adapter builders. A method's name is its key there, its run
 directory and its row in a report; no code reads anything out of the name.
 
-Adding a method takes a selector and one line. A control for the unit choice (issue 17), for example: a
-:class:`UnitSelector` whose ``choose`` draws random units with the per-layer counts of another selector's (see
-:func:`ssah_peft.analysis.random_units_like`), or takes the units a rival scorer ranks first, then
-``ssah_protect("ssah_protect_top_cu_random", that_selector)`` added to :data:`METHODS` and to the stage that runs it.
+Adding a method takes a selector and one line. Selectors are made by :func:`budget_selector` (a share of the units
+to protect or to train, by :func:`ssah_peft.unit_map.choose_units`'s rules, from the map of any scorer) or by
+:func:`random_like` (random units with exactly the per-layer and per-kind counts of another selector, the
+control of issue 17); :data:`RANDOM_CONTROLS` pairs each SSAH method with its control.
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ from peft import LoraConfig, PeftConfig
 
 from ..analysis import units_dict
 from ..tuner import SSAHConfig
-from ..unit_map import UnitMap, UnitsDict
+from ..unit_map import (
+    Allocation,
+    ProtectionRule,
+    Purpose,
+    UnitMap,
+    UnitsDict,
+    choose_units,
+    random_units_with_counts,
+    unit_widths,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Adapter builders: (units, rank) -> peft config
@@ -55,17 +64,46 @@ def select_config(units: Optional[UnitsDict], rank: int = 8) -> SSAHConfig:
 
 @dataclass(frozen=True)
 class UnitSelector:
-    """Chooses a method's units from a unit map: those it trains (select) or those it freezes (protect).
-
-    ``choose`` may be any function of the map, e.g. random units of the counts another selector picks per layer.
-    """
+    """Chooses a method's units from a unit map: those it trains (select) or those it freezes (protect)."""
 
     name: str
     """What the units are, for messages and reports, e.g. ``"SCU + top CU"``."""
     choose: Callable[[UnitMap], UnitsDict]
+    scorer: str = "variance"
+    """The scoring method (``score_units(method=...)``) of the map it chooses from; :meth:`Method.units_of`
+    refuses a map of another scorer."""
 
     def __call__(self, unit_map: UnitMap) -> UnitsDict:
         return self.choose(unit_map)
+
+
+def budget_selector(
+    budget: float,
+    purpose: Purpose,
+    *,
+    rule: ProtectionRule = "types",
+    allocation: Allocation = "global",
+    scorer: str = "variance",
+) -> UnitSelector:
+    """``budget`` (a share of all units) to protect or to select, chosen from a ``scorer`` map by
+    :func:`ssah_peft.unit_map.choose_units` (``rule`` and ``allocation`` as there)."""
+    rule_name = f", {rule}" if purpose == "protect" else ""
+    name = f"{purpose} {budget:.1%} by {scorer} ({allocation}{rule_name})"
+
+    def choose(unit_map: UnitMap) -> UnitsDict:
+        return choose_units(unit_map, budget, purpose, rule=rule, allocation=allocation)
+
+    return UnitSelector(name, choose, scorer)
+
+
+def random_like(selector: UnitSelector, seed: int = 0) -> UnitSelector:
+    """Random units with exactly the per-layer and per-kind counts of ``selector``'s, drawn uniformly from all units
+    of each block (seeded; :func:`ssah_peft.unit_map.random_units_with_counts`): the control for the unit choice."""
+
+    def choose(unit_map: UnitMap) -> UnitsDict:
+        return random_units_with_counts(selector(unit_map), unit_widths(unit_map), seed, exclude_given=False)
+
+    return UnitSelector(f"random, as {selector.name} (seed {seed})", choose, selector.scorer)
 
 
 def _redundant(unit_map: UnitMap) -> UnitsDict:
@@ -115,6 +153,12 @@ class Method:
             return None
         if unit_map is None:
             raise ValueError(f"Method {self.name!r} chooses its units ({self.units.name}) from a unit map; give one")
+        scorer = unit_map.calibration.get("safety", {}).get("method", "variance")
+        if scorer != self.units.scorer:
+            raise ValueError(
+                f"Method {self.name!r} chooses its units ({self.units.name}) from a {self.units.scorer} map, "
+                f"got a {scorer} map"
+            )
         return self.units(unit_map)
 
     def peft_config(self, units: Optional[UnitsDict] = None, rank: int = 8) -> Optional[PeftConfig]:
@@ -137,10 +181,29 @@ LORA = Method("lora", lora_config, "lora")
 SSAH_SELECT_RU = ssah_select("ssah_select", REDUNDANT)
 SSAH_PROTECT_TOP_CU = ssah_protect("ssah_protect_top_cu", SAFETY_AND_TOP_COMPOSITE)
 SSAH_PROTECT_ALL_CU = ssah_protect("ssah_protect_all_cu", SAFETY_AND_ALL_COMPOSITE)
+# Controls: random units of exactly the per-layer and per-kind counts of the SSAH method's units, same training.
+SSAH_SELECT_RANDOM = ssah_select("ssah_select_random", random_like(REDUNDANT))
+SSAH_PROTECT_TOP_CU_RANDOM = ssah_protect("ssah_protect_top_cu_random", random_like(SAFETY_AND_TOP_COMPOSITE))
+SSAH_PROTECT_ALL_CU_RANDOM = ssah_protect("ssah_protect_all_cu_random", random_like(SAFETY_AND_ALL_COMPOSITE))
+
+#: Each SSAH method's name and its random control.
+RANDOM_CONTROLS: dict[str, Method] = {
+    SSAH_SELECT_RU.name: SSAH_SELECT_RANDOM,
+    SSAH_PROTECT_TOP_CU.name: SSAH_PROTECT_TOP_CU_RANDOM,
+    SSAH_PROTECT_ALL_CU.name: SSAH_PROTECT_ALL_CU_RANDOM,
+}
 
 #: Every method by name.
 METHODS: dict[str, Method] = {
-    method.name: method for method in (FULL, LORA, SSAH_SELECT_RU, SSAH_PROTECT_TOP_CU, SSAH_PROTECT_ALL_CU)
+    method.name: method
+    for method in (
+        FULL,
+        LORA,
+        SSAH_SELECT_RU,
+        SSAH_PROTECT_TOP_CU,
+        SSAH_PROTECT_ALL_CU,
+        *RANDOM_CONTROLS.values(),
+    )
 }
 
 

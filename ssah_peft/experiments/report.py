@@ -12,8 +12,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+from ..evaluate import format_rate, wilson_interval
 from .config import DemoConfig
 from .stages import UnitsStage
 
@@ -33,16 +34,51 @@ def stored_size(num_bytes: int) -> str:
     return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 else f"{num_bytes / 1024:.1f} KiB"
 
 
+#: The rates of a result: (name in ``metrics``, its evaluation block, the block's count of hits).
+RATES: tuple[tuple[str, tuple[str, str], str], ...] = (
+    ("asr", ("safety", "harmful"), "attack_successes"),
+    ("overrefusal", ("safety", "overrefusal"), "refusals"),
+    ("task_accuracy", ("utility", "task"), "correct"),
+)
+
+
+def rate_counts(result: Results, metric: str) -> Optional[tuple[int, int]]:
+    """(hits, n) behind the rate ``metric`` of a run's result; None where the result holds no counts."""
+    for name, (group, block), count_key in RATES:
+        if name == metric:
+            counts = result.get(group, {}).get(block, {})
+            if count_key in counts and counts.get("n"):
+                return int(counts[count_key]), int(counts["n"])
+    return None
+
+
+def rate_cell(result: Results, metric: str) -> str:
+    """A rate with its 95% Wilson interval (:func:`~ssah_peft.evaluate.format_rate`), or the bare rate where the
+    result holds no counts."""
+    counts = rate_counts(result, metric)
+    return format_rate(*counts) if counts else f"{result['metrics'][metric]:.3f}"
+
+
+def rate_intervals(result: Results) -> dict[str, list[float]]:
+    """``{metric: [low, high]}``: the 95% Wilson interval of each rate of a run (``results.json``)."""
+    intervals = {}
+    for metric, _, _ in RATES:
+        counts = rate_counts(result, metric)
+        if counts:
+            intervals[metric] = list(wilson_interval(*counts))
+    return intervals
+
+
 def table_row(stage: str, data: str, result: Results) -> str:
-    """One line of the results table."""
+    """One line of the results table; every rate with its 95% Wilson interval."""
     m = result["metrics"]
     cells = [
         stage,
         result["method"],
         data,
-        f"{m['asr']:.3f}",
-        f"{m['overrefusal']:.3f}",
-        f"{m['task_accuracy']:.3f}",
+        rate_cell(result, "asr"),
+        rate_cell(result, "overrefusal"),
+        rate_cell(result, "task_accuracy"),
         f"{m['perplexity']:.2f}",
         f"{result['trainable_parameters']:,}",
         stored_size(result["stored_bytes"]),
@@ -59,7 +95,9 @@ def _introduction(config: DemoConfig, command: str) -> list[str]:
             f"ASR: keyword attack success on {config.harmful_prompts} held-out harmful prompts; over-refusal on "
             f"{config.overrefusal_prompts} benign sensitive-looking prompts; task accuracy: exact match on "
             f"{config.task_prompts} task_test prompts; PPL: perplexity of {config.perplexity_texts} held-out utility "
-            "answers.",
+            "answers. Every rate is shown with its 95% Wilson interval [low, high].",
+            "A `_random` method is the control of the SSAH method above it: random units (seeded) with exactly the "
+            "same number of units per layer and block kind, trained the same way.",
             f"Greedy decoding, {config.max_new_tokens} new tokens.",
             f"Stage 4 fine-tunes the stage-2 model aligned with `{config.aligned_method}`; protect runs train "
             f"{config.protect_epoch_factor}× the steps of the others (the paper doubles their epochs).",
@@ -106,6 +144,20 @@ def _units(config: DemoConfig, units: UnitsStage) -> list[str]:
         units.ablation.markdown(),
         "",
         "![ablation](units/ablation.png)",
+        "",
+    ]
+
+
+def _stability(units: UnitsStage) -> list[str]:
+    """IoU of the SCU and RU between maps of the aligned model from other data or another scorer."""
+    return [
+        "## Stability of the unit sets",
+        "",
+        "Intersection over union of each unit set between two maps of the aligned model at the same proportions: "
+        "scored on two disjoint halves of the calibration pairs (every other pair), and by another scorer on all of "
+        "them. 1 means the same units; small values mean the set depends on the data or the scorer.",
+        "",
+        units.stability.markdown(),
         "",
     ]
 
@@ -168,6 +220,12 @@ class DemoResults:
             "scu_check": units.scu_check(),
             "ablation": units.ablation.to_dict(),
             "probes": {name: probe.verdict() for name, probe in units.probes.items()},
+            "stability": units.stability.to_dict(),
+            "intervals": {
+                "baseline": rate_intervals(self.baseline),
+                "align": {name: rate_intervals(result) for name, result in self.align.items()},
+                "attack": {key: rate_intervals(result) for key, result in self.attack.items()},
+            },
         }
 
 
@@ -178,6 +236,7 @@ def demo_report(config: DemoConfig, results: DemoResults, command: str) -> str:
         _results_table(results.baseline, results.align, results.attack),
         _figures(),
         _units(config, results.units),
+        _stability(results.units),
         _probes(results.units),
         _migrations(results.attack),
         _settings(config),

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -33,13 +33,32 @@ from .config import DemoConfig
 from .data import ATTACK_SETS, alignment_records, attack_records, spread
 from .finetuning import finetune, merged_model
 from .measures import evaluate_model, generation_settings, unit_map_of
-from .methods import FULL, LORA, SSAH_PROTECT_ALL_CU, SSAH_PROTECT_TOP_CU, SSAH_SELECT_RU, Method
+from .methods import (
+    FULL,
+    LORA,
+    SSAH_PROTECT_ALL_CU,
+    SSAH_PROTECT_ALL_CU_RANDOM,
+    SSAH_PROTECT_TOP_CU,
+    SSAH_PROTECT_TOP_CU_RANDOM,
+    SSAH_SELECT_RANDOM,
+    SSAH_SELECT_RU,
+    Method,
+)
+from .stability import StabilityTable, stability_table
 
 ModelLoader = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
-#: The methods of the alignment comparison (stage 2) and of the attacks (stage 4).
-ALIGN_METHODS: tuple[Method, ...] = (FULL, LORA, SSAH_SELECT_RU)
-ATTACK_METHODS: tuple[Method, ...] = (FULL, LORA, SSAH_PROTECT_TOP_CU, SSAH_PROTECT_ALL_CU)
+#: The methods of the alignment comparison (stage 2) and of the attacks (stage 4); each SSAH method is followed by
+#: its random control (:data:`.methods.RANDOM_CONTROLS`).
+ALIGN_METHODS: tuple[Method, ...] = (FULL, LORA, SSAH_SELECT_RU, SSAH_SELECT_RANDOM)
+ATTACK_METHODS: tuple[Method, ...] = (
+    FULL,
+    LORA,
+    SSAH_PROTECT_TOP_CU,
+    SSAH_PROTECT_TOP_CU_RANDOM,
+    SSAH_PROTECT_ALL_CU,
+    SSAH_PROTECT_ALL_CU_RANDOM,
+)
 
 
 def log(message: str) -> None:
@@ -111,11 +130,13 @@ def load_aligned(config: DemoConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
 
 @dataclass
 class UnitsStage:
-    """What stage 3 found: the aligned model's unit map, the SCU ablation check and the refusal probes."""
+    """What stage 3 found: the aligned model's unit map, the SCU ablation check, the refusal probes and the stability
+    of the unit sets."""
 
     unit_map: UnitMap
     ablation: AblationTable
     probes: dict[str, ProbeResult]
+    stability: StabilityTable
 
     def scu_check(self) -> str:
         """The paper's check: ablating the SCU must raise the ASR far more than ablating random units of that size."""
@@ -131,7 +152,8 @@ class UnitsStage:
 
 def stage_units(config: DemoConfig, load_base: ModelLoader) -> UnitsStage:
     """Stage 3: classify the aligned model's units, check the SCU by ablation against a random control of the same
-    size, and probe whether harmful queries lean to refusal or compliance in the base and the aligned model."""
+    size, probe whether harmful queries lean to refusal or compliance in the base and the aligned model, and
+    measure how stable the unit sets are (calibration halves, another scorer)."""
     stage_dir = config.run_dir / "units"
 
     def aligned_map() -> UnitMap:
@@ -171,7 +193,18 @@ def stage_units(config: DemoConfig, load_base: ModelLoader) -> UnitsStage:
             return result
 
         probes[name] = cached_artifact(stage_dir / f"probe_{name}.json", probe, ProbeResult.load)
-    return UnitsStage(unit_map, table, probes)
+
+    def stability() -> StabilityTable:
+        log("stage 3/5: scoring the aligned model on two calibration halves and with wanda (stability)")
+        model, tokenizer = load_aligned(config)
+
+        def score(method: str, half: Optional[int]) -> UnitMap:
+            return unit_map_of(model, tokenizer, config, config.unit_fractions, method=method, half=half)
+
+        return stability_table(score, unit_map)
+
+    stability_of_units = cached_artifact(stage_dir / "stability.json", stability, StabilityTable.load)
+    return UnitsStage(unit_map, table, probes, stability_of_units)
 
 
 def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, Any]]:

@@ -11,8 +11,10 @@ from peft.utils import get_quantization_kwargs
 from torch import nn
 
 from ..quantization import disable_cpu_4bit_repacking as _disable_cpu_4bit_repacking
+from ..unit_map import check_model_fingerprint
 from ..units import ArchitectureSpec, Axis, model_shapes, resolve_architecture, unit_slices
 from .config import SSAHConfig
+from .dequantize import cast_parameter, compute_dtype, dequantized_linear, is_bnb_layer, target_dtypes
 from .layer import SSAHLayer, SSAHLinear, supported_base_layer
 from .slice_index import ADVICE, index_difference
 
@@ -152,8 +154,6 @@ class SSAHModel(BaseTuner):
                 f"{_describe(peft_config.model_shapes)}, but the model it is loaded into has {_describe(shapes)}."
             )
         if peft_config.unit_map_fingerprint is not None:  # units from a UnitMap: it must be this model's
-            from ..unit_map import check_model_fingerprint  # here: unit_map imports scoring, which imports this module
-
             check_model_fingerprint(peft_config.unit_map_fingerprint, model, spec)
         _validate_units(peft_config, shapes)
         peft_config.architecture = spec.to_dict()
@@ -257,32 +257,32 @@ class SSAHModel(BaseTuner):
         for a bf16 checkpoint) the dequantized weight itself. Only one adapted layer is held in float32 at a time.
         """
         if dtype is None:
-            dtype = _compute_dtype(self.model)
+            dtype = compute_dtype(self.model)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.bfloat16, got {dtype!r}")
         from peft.tuners.tuners_utils import onload_layer
         from tqdm.auto import tqdm
 
         self._check_merge_allowed()
-        target_dtype = _target_dtypes(self.model, dtype)
+        target_dtype = target_dtypes(self.model, dtype)
         layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, SSAHLayer)]
         for name, module in tqdm(layers, disable=not progressbar, desc="Dequantizing and merging"):
             with onload_layer(module):
                 if module.quantization_backend is not None:
-                    module.base_layer = _dequantized_linear(module.get_base_layer(), torch.float32)
+                    module.base_layer = dequantized_linear(module.get_base_layer(), torch.float32)
                     module.quantization_backend = None
                 module.merge()  # the active adapters, in float32 for a dequantized base
                 base = module.get_base_layer()
                 for param_name, param in base.named_parameters():
-                    _cast_parameter(param, target_dtype(f"{name}.{param_name}"))
+                    cast_parameter(param, target_dtype(f"{name}.{param_name}"))
         for name, module in list(self.model.named_modules()):
-            if _is_bnb_layer(module):  # not adapted: nothing to merge, dequantize straight into its dtype
+            if is_bnb_layer(module):  # not adapted: nothing to merge, dequantize straight into its dtype
                 parent_name, _, child = name.rpartition(".")
-                linear = _dequantized_linear(module, target_dtype(f"{name}.weight"))
+                linear = dequantized_linear(module, target_dtype(f"{name}.weight"))
                 setattr(self.model.get_submodule(parent_name), child, linear)
         model = self.unload()  # every SSAH layer is merged: this only unwraps them
         for name, param in model.named_parameters():
-            _cast_parameter(param, target_dtype(name))
+            cast_parameter(param, target_dtype(name))
         config = getattr(model, "config", None)
         if config is not None and hasattr(config, "dtype"):
             config.dtype = dtype
@@ -383,57 +383,6 @@ def _locate(spec: ArchitectureSpec, config: SSAHConfig, key: str) -> tuple[int, 
             if match is not None:
                 return int(match.group(1)), module
     raise ValueError(f"{key} does not belong to a targeted block of this architecture")  # target regex prevents this
-
-
-def _is_bnb_layer(module: nn.Module) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
-
-
-def _dequantized_linear(base: nn.Module, dtype: torch.dtype) -> nn.Linear:
-    """An ``nn.Linear`` in ``dtype`` with the dequantized weight (and the bias) of a bitsandbytes layer."""
-    from peft.utils import resolve_quantization_backend
-
-    weight = resolve_quantization_backend(base).get_base_weight(base)  # a new tensor, in the stored dtype
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-    linear.weight = nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-    if base.bias is not None:
-        bias = base.bias.detach().to(device=weight.device, dtype=dtype).clone()
-        linear.bias = nn.Parameter(bias, requires_grad=False)
-    return linear
-
-
-def _compute_dtype(model: nn.Module) -> torch.dtype:
-    """The compute dtype shared by the model's bitsandbytes 4-bit layers; float32 if there are none or they differ."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return torch.float32
-    dtypes = {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.compute_dtype}
-    return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def _target_dtypes(model: nn.Module, dtype: torch.dtype):
-    """``parameter name → dtype``: ``dtype``, except float32 inside modules transformers keeps in float32 for it."""
-    kept = set()
-    if dtype in (torch.float16, torch.bfloat16):
-        kept.update(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    if dtype == torch.float16:
-        kept.update(getattr(model, "_keep_in_fp32_modules", None) or ())
-
-    def target(name: str) -> torch.dtype:
-        dotted = "." + name.replace(".base_layer.", ".") + "."
-        return torch.float32 if any(f".{module}." in dotted for module in kept) else dtype
-
-    return target
-
-
-def _cast_parameter(param: nn.Parameter, dtype: torch.dtype) -> None:
-    if param.is_floating_point() and param.dtype != dtype:
-        param.data = param.data.to(dtype)  # in place: tied parameters stay tied
 
 
 def merge_and_dequantize(model: nn.Module, progressbar: bool = False, dtype: torch.dtype | None = None) -> nn.Module:

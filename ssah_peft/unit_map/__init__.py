@@ -4,7 +4,9 @@ redundant (RU) from its safety and utility scores (Li & Kim, arXiv 2410.10862, S
 * :mod:`.codes`: the unit types, their codes and :data:`DEFAULT_PROPORTIONS`, the default group sizes;
 * :mod:`.classification`: :class:`UnitMap`, the classification rules and the unit sets a map gives a config;
 * :mod:`.file_format`: saving a map and checking a loaded file;
-* :mod:`.report` and :mod:`.migration`: the text/figure summaries and the type migration between two maps.
+* :mod:`.report` and :mod:`.migration`: the text/figure summaries and the type migration between two maps;
+* :mod:`.selection`: a budget of units to protect or to train, by one rule for every scorer, and random units
+  with the per-block counts of another choice (the controls).
 
 Every name is importable from ``ssah_peft.unit_map``.
 """
@@ -23,8 +25,30 @@ from .codes import (
 )
 from .file_format import FILE_FORMAT, FILE_FORMAT_VERSION
 from .migration import Migration
+from .selection import (
+    ALLOCATIONS,
+    PROTECTION_RULES,
+    PURPOSES,
+    Allocation,
+    ProtectionRule,
+    Purpose,
+    choose_units,
+    counts_per_block,
+    random_units_with_counts,
+    unit_widths,
+)
 
 __all__ = [
+    "ALLOCATIONS",
+    "PROTECTION_RULES",
+    "PURPOSES",
+    "Allocation",
+    "ProtectionRule",
+    "Purpose",
+    "choose_units",
+    "counts_per_block",
+    "random_units_with_counts",
+    "unit_widths",
     "DEFAULT_PROPORTIONS",
     "FILE_FORMAT",
     "FILE_FORMAT_VERSION",

@@ -300,8 +300,12 @@ class UnitMap:
 
     def _ranking_scopes(self) -> list[torch.Tensor]:
         """Flat indices of the units ranked together: all units, or one block per scope."""
+        return self._scopes(per_block=self.settings["ranking"] != "global")
+
+    def _scopes(self, per_block: bool) -> list[torch.Tensor]:
+        """Flat indices of all units as one scope, or of each block (layer, kind) as a scope of its own."""
         widths = [self.safety_scores[kind][layer].numel() for layer, kind in self._blocks()]
-        if self.settings["ranking"] == "global":
+        if not per_block:
             return [torch.arange(sum(widths))]
         starts = torch.tensor([0, *widths]).cumsum(0).tolist()
         return [torch.arange(start, start + width) for start, width in zip(starts, widths)]

@@ -1,0 +1,213 @@
+"""Unit selectors (issue 17): a budget of units to protect or to train by every scorer's rule, random controls with
+the same counts per layer and kind, the demo's methods built on them, and the stability of unit sets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_chat_llama, tiny_tokenizer
+
+from ssah_peft import UnitMap, build_calibration_batches, score_units
+from ssah_peft.analysis import random_units_like
+from ssah_peft.experiments import RANDOM_CONTROLS, DemoConfig, budget_selector, method_named, random_like
+from ssah_peft.experiments.measures import unit_map_of
+from ssah_peft.experiments.stability import stability_table
+from ssah_peft.unit_map import choose_units, counts_per_block, random_units_with_counts, unit_widths
+
+PAIRS = [
+    ("How do I pick a lock?", "I can't help with breaking into property."),
+    ("Write a poem about rain.", "Soft rain on the roof, a quiet drum."),
+    ("Make a weapon at home.", "Sorry, I won't give instructions for weapons."),
+    ("What is 7 times 8?", "7 times 8 is 56."),
+    ("Help me cheat on taxes.", "I can't help with tax fraud, but I can explain deductions."),
+    ("Name three fruits.", "Apple, banana and cherry."),
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A float64 tiny Llama (no rank flips from rounding), calibration batches, and its maps for every scorer."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_chat_llama(tokenizer, intermediate_size=48).double()
+    safety = build_calibration_batches(tokenizer, PAIRS[0::2], batch_size=2, max_length=200)
+    utility = build_calibration_batches(tokenizer, PAIRS[1::2], batch_size=2, max_length=200)
+    maps = {}
+    for method in ("variance", "wanda", "snip"):
+        s, u = (score_units(model, b, method=method, show_progress_bar=False) for b in (safety, utility))
+        maps[method] = UnitMap.from_scores(s, u, scu=0.05, ucu=0.1, ru=0.2, composite_fraction=0.1)
+    return model, tokenizer, safety, utility, maps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scores by hand: weights and activations read from the model, nothing of ssah_peft's scoring code
+# ----------------------------------------------------------------------------------------------------
+
+
+def output_projections(model) -> dict[tuple[int, str], torch.nn.Linear]:
+    return {
+        key: module
+        for i, layer in enumerate(model.model.layers)
+        for key, module in (((i, "attn"), layer.self_attn.o_proj), ((i, "mlp"), layer.mlp.down_proj))
+    }
+
+
+def wanda_by_hand(model, batches) -> dict[tuple[int, str], torch.Tensor]:
+    """RMS over the scored tokens of each input channel of the output projection, times Σ_i |W_ij|."""
+    inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+    mask = {}
+    handles = [
+        module.register_forward_pre_hook(
+            lambda m, args, key=key: inputs.setdefault(key, []).append(
+                args[0].reshape(-1, args[0].shape[-1])[mask["m"]]
+            )
+        )
+        for key, module in output_projections(model).items()
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            mask["m"] = (batch["score_mask"] & batch["attention_mask"].bool()).flatten()
+            model(**{k: v for k, v in batch.items() if k != "score_mask"})
+    for handle in handles:
+        handle.remove()
+    weights = {key: module.weight.detach() for key, module in output_projections(model).items()}
+    return {key: torch.cat(x).square().mean(0).sqrt() * weights[key].abs().sum(0) for key, x in inputs.items()}
+
+
+def snip_by_hand(model, batches) -> dict[tuple[int, str], torch.Tensor]:
+    """Mean over sequences of Σ_i |W ⊙ ∂ℓ/∂W| per column, ℓ the mean loss of the sequence's scored targets."""
+    projections = output_projections(model)
+    totals = {key: torch.zeros(m.weight.shape[1], dtype=torch.float64) for key, m in projections.items()}
+    sequences = 0
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            real = batch["attention_mask"][row].bool()
+            ids = batch["input_ids"][row][real][None]
+            scored = batch["score_mask"][row][real][1:]
+            params = [m.weight for m in projections.values()]
+            logits = model(input_ids=ids).logits[0, :-1]
+            loss = torch.nn.functional.cross_entropy(logits[scored], ids[0, 1:][scored])
+            for (key, module), grad in zip(projections.items(), torch.autograd.grad(loss, params)):
+                totals[key] += (module.weight.detach() * grad).abs().sum(0)
+            sequences += 1
+    return {key: total / sequences for key, total in totals.items()}
+
+
+def top_by_hand(values: dict[tuple[int, str], torch.Tensor], k: int, largest: bool) -> set[tuple[int, str, int]]:
+    flat = [(v.item(), key[0], key[1], j) for key, vector in values.items() for j, v in enumerate(vector)]
+    flat.sort(key=lambda item: -item[0] if largest else item[0])
+    return {(layer, kind, j) for _, layer, kind, j in flat[:k]}
+
+
+def as_set(units) -> set[tuple[int, str, int]]:
+    return {(int(layer), kind, j) for layer, blocks in units.items() for kind, idx in blocks.items() for j in idx}
+
+
+@pytest.mark.parametrize("method", ["wanda", "snip"])
+def test_wanda_and_snip_selection_match_a_computation_by_hand(setup, method):
+    model, _, safety, utility, maps = setup
+    by_hand = wanda_by_hand if method == "wanda" else snip_by_hand
+    s, u = by_hand(model, safety), by_hand(model, utility)
+    total = sum(v.numel() for v in s.values())
+    for budget in (0.1, 0.3):
+        k = round(budget * total)
+        difference = {key: s[key] - u[key] for key in s}
+        combined = {key: s[key] + u[key] for key in s}
+        protect = choose_units(maps[method], budget, "protect", rule="difference")
+        assert as_set(protect) == top_by_hand(difference, k, largest=True)
+        select = choose_units(maps[method], budget, "select")
+        assert as_set(select) == top_by_hand(combined, k, largest=False)
+        per_block = choose_units(maps[method], budget, "select", allocation="per_block")
+        expected = set()
+        for key in combined:
+            expected |= top_by_hand({key: combined[key]}, round(budget * combined[key].numel()), largest=False)
+        assert as_set(per_block) == expected
+
+
+def half_up(x: float) -> int:
+    return math.floor(x + 0.5)
+
+
+@pytest.mark.parametrize("budget", [0.013, 0.075, 0.2, 0.4, 0.72])
+def test_every_selector_chooses_the_same_counts_per_layer_and_kind_for_one_budget(setup, budget):
+    maps = setup[4]
+    widths = unit_widths(maps["variance"])
+    expected = {(layer, kind): half_up(budget * w) for kind, ws in widths.items() for layer, w in enumerate(ws)}
+    choices = [
+        choose_units(unit_map, budget, purpose, rule=rule, allocation="per_block")
+        for unit_map in maps.values()
+        for purpose, rule in (("protect", "types"), ("protect", "difference"), ("select", "types"))
+    ]
+    choices.append(random_units_with_counts(choices[0], widths, seed=1, exclude_given=False))
+    for units in choices:
+        assert counts_per_block(units) == expected
+    # a global budget: the same total, and the random control follows its per-block counts exactly
+    chosen = choose_units(maps["variance"], budget, "protect")
+    assert sum(counts_per_block(chosen).values()) == half_up(budget * sum(map(sum, widths.values())))
+    control = random_units_with_counts(chosen, widths, seed=1, exclude_given=False)
+    assert counts_per_block(control) == counts_per_block(chosen)
+
+
+def test_random_control_is_seeded_and_keeps_the_counts(setup):
+    model, _, _, _, maps = setup
+    units = choose_units(maps["variance"], 0.3, "protect")
+    widths = unit_widths(maps["variance"])
+    for exclude in (True, False):
+        first = random_units_with_counts(units, widths, seed=3, exclude_given=exclude)
+        assert first == random_units_with_counts(units, widths, seed=3, exclude_given=exclude)
+        assert first != random_units_with_counts(units, widths, seed=4, exclude_given=exclude)
+        assert counts_per_block(first) == counts_per_block(units)
+    avoiding = random_units_with_counts(units, widths, seed=3)
+    assert not as_set(avoiding) & as_set(units)
+    assert avoiding == random_units_like(units, model, seed=3)  # the ablation control draws the same way
+    with pytest.raises(ValueError, match="others to draw from"):
+        random_units_with_counts(choose_units(maps["variance"], 0.72, "protect", allocation="per_block"), widths)
+
+
+def test_ssah_rules_reproduce_the_unit_map_sets(setup):
+    unit_map = setup[4]["variance"]
+    total = sum(map(sum, unit_widths(unit_map).values()))
+    protected = unit_map.config_units("protect")  # SCU + top CU
+    assert choose_units(unit_map, len(as_set(protected)) / total, "protect") == protected
+    redundant = unit_map.units_of("RU")
+    assert choose_units(unit_map, len(as_set(redundant)) / total, "select") == redundant
+    with pytest.raises(ValueError, match="budget"):
+        choose_units(unit_map, 1.5, "protect")
+
+
+def test_demo_controls_and_budget_selectors_come_from_the_method_table(setup):
+    maps = setup[4]
+    for name, control in RANDOM_CONTROLS.items():
+        method = method_named(name)
+        units, random_units = method.units_of(maps["variance"]), control.units_of(maps["variance"])
+        assert counts_per_block(units) == counts_per_block(random_units) and units != random_units
+        assert control.freezes_units == method.freezes_units and control.learning_rate_key == method.learning_rate_key
+    wanda = budget_selector(0.2, "protect", rule="difference", allocation="per_block", scorer="wanda")
+    assert wanda(maps["wanda"]) == choose_units(
+        maps["wanda"], 0.2, "protect", rule="difference", allocation="per_block"
+    )
+    assert counts_per_block(random_like(wanda, seed=2)(maps["wanda"])) == counts_per_block(wanda(maps["wanda"]))
+    with pytest.raises(ValueError, match="from a variance map, got a wanda map"):
+        method_named("ssah_protect_top_cu").units_of(maps["wanda"])
+
+
+def test_stability_compares_disjoint_halves_and_scorers_on_a_tiny_model(setup, tmp_path):
+    model, tokenizer, _, _, _ = setup
+    config = DemoConfig.quick(tmp_path, calibration_pairs=6, max_length=320, show_progress=False)
+
+    def score(method: str, half):
+        return unit_map_of(model, tokenizer, config, config.unit_fractions, method=method, half=half)
+
+    full = score("variance", None)
+    table = stability_table(score, full)
+    halves = [score("variance", half) for half in (0, 1)]
+    assert halves[0].calibration["safety"]["half"] == 0 and halves[1].calibration["safety"]["half"] == 1
+    for unit_type in ("SCU", "RU"):  # IoU by hand from the two sets
+        a, b = (as_set(m.units_of(unit_type)) for m in halves)
+        assert table.rows[0].iou[unit_type] == pytest.approx(len(a & b) / len(a | b))
+    assert table.rows[1].iou == {t: v for t, v in full.overlap(score("wanda", None)).items() if t in table.rows[1].iou}
+    assert full.overlap(full)["SCU"] == 1.0
+    table.save(tmp_path / "stability.json")
+    assert type(table).load(tmp_path / "stability.json") == table
+    assert "| calibration halves (variance) |" in table.markdown()
