@@ -95,3 +95,33 @@ def test_safe_merge_of_a_broken_weight_delta_uses_peft_wording() -> None:
     # peft's LoRA says exactly this (no quotes around the name); tools match on it
     assert str(error.value) == "NaNs detected in the merged weights. The adapter default seems to be broken"
     assert torch.equal(layer.get_base_layer().weight, before)
+
+
+def test_protected_slices_stay_exact_whatever_the_raw_tensors_hold(input_ids: torch.Tensor) -> None:
+    """The mask is applied with ``where``, not a product: inf or nan written into the protected rows of B or
+    columns of A (by an optimizer gone wrong, or by hand) still gives exactly zero update there."""
+    base = tiny_model("llama")
+    with torch.no_grad():
+        reference = base(input_ids).logits
+    # everything protected but MLP neuron 47 of layer 1: only gate/up/down of layer 1 stay wrapped
+    units = {0: {"mlp": list(range(48)), "attn": list(range(32))}, 1: {"mlp": list(range(47)), "attn": list(range(32))}}
+    model = get_peft_model(base, SSAHConfig(units=units, mode="protect", r=2))
+    poisoned = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, SSAHLayer):
+                protected = module.ssah_index["default"].long()
+                if module.ssah_axis["default"] == "out":
+                    module.ssah_B["default"][protected] = float("nan")
+                else:
+                    module.ssah_A["default"][:, protected] = float("inf")
+                poisoned += protected.numel()
+    assert poisoned
+    assert_update_confined(model, "protect")
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert torch.isfinite(logits).all()
+    # only neuron 47 of layer 1's MLP is trainable, and its B rows / A columns are still zero-initialised or
+    # untouched: the model is the base model
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-6)

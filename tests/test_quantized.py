@@ -301,3 +301,54 @@ def test_merge_and_dequantize_dtype_argument(bf16_dir: Path, avx512bf16_cpu: Non
     with torch.no_grad():
         logits = merged(input_ids).logits
     assert (logits - adapted).abs().max() <= 2**-6 * adapted.abs().max()
+
+
+def state_bytes_per_parameter(params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> float:
+    """Bytes of the trainable tensors, their gradients and the optimizer state, per trainable parameter."""
+    count = sum(p.numel() for p in params)
+    held = sum(p.numel() * p.element_size() * 2 for p in params)  # the tensor and its gradient, same dtype
+    held += sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+    return held / count
+
+
+def test_select_with_bf16_deltas_and_an_8bit_optimizer_stays_confined(input_ids: torch.Tensor) -> None:
+    """The memory recipe for RU-only alignment of a large model: bf16 deltas (``delta_dtype``) and bitsandbytes'
+    8-bit AdamW. The update stays confined to the selected slices, and the state per trainable parameter drops
+    from 16 bytes (fp32 deltas, AdamW) to about 6 (2 delta + 2 gradient + 2 x 1 for the two 8-bit moments)."""
+    from conftest import assert_update_confined, tiny_model
+
+    # deltas of 32k entries each, so the optimizers' fixed per-tensor state (quantization maps, step counters)
+    # weighs per parameter about what it weighs in a real model
+    units = {0: {"mlp": list(range(0, 512, 2))}, 1: {"mlp": list(range(1, 512, 2)), "attn": list(range(64))}}
+    costs = {}
+    for recipe in ("fp32 AdamW", "bf16 AdamW8bit"):
+        low_memory = recipe.startswith("bf16")
+        base = tiny_model("llama", hidden_size=128, intermediate_size=512)
+        original = {k: v.clone() for k, v in base.state_dict().items()}
+        config = SSAHConfig(units=units, mode="select", delta_dtype="bfloat16" if low_memory else None)
+        model = get_peft_model(base, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert {p.dtype for p in params} == {torch.bfloat16 if low_memory else torch.float32}
+        if low_memory:
+            optimizer = bnb.optim.AdamW8bit(params, lr=1e-2, weight_decay=0.1)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        model.train()
+        for _ in range(3):
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=False)  # keep the gradients: they are part of the memory counted
+        if low_memory:
+            moments = [t for s in optimizer.state.values() for k, t in s.items() if k in ("state1", "state2")]
+            assert moments and all(t.dtype == torch.uint8 for t in moments)
+        assert all(p.float().abs().sum() > 0 for p in params)  # it trained
+        assert_update_confined(model, "select")
+        unloaded = model.unload()
+        for key, value in unloaded.state_dict().items():
+            assert torch.equal(value, original[key]), key
+        costs[recipe] = state_bytes_per_parameter(params, optimizer)
+    assert costs["fp32 AdamW"] == pytest.approx(16.0, abs=0.1)  # + a step counter per tensor
+    print(f"bytes per trainable parameter: {costs}")
+    assert costs["bf16 AdamW8bit"] <= 6.5, costs

@@ -6,6 +6,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
@@ -28,7 +29,15 @@ class SSAHLayer(BaseTunerLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ("ssah_delta", "ssah_bias", "ssah_A", "ssah_B")
-    other_param_names: tuple[str, ...] = ("ssah_index", "ssah_axis", "ssah_update", "scaling", "ssah_dropout")
+    other_param_names: tuple[str, ...] = (
+        "ssah_index",
+        "ssah_slices",
+        "ssah_keep",
+        "ssah_axis",
+        "ssah_update",
+        "scaling",
+        "ssah_dropout",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -37,6 +46,11 @@ class SSAHLayer(BaseTunerLayer):
         self.ssah_A = nn.ParameterDict({})
         self.ssah_B = nn.ParameterDict({})
         self.ssah_index = SliceIndexDict()  # persistent; loading other indices than the config's is refused
+        # Derived once per adapter from ssah_index, in the form the forward uses (not saved): int64 indices, and in
+        # protect mode the mask of trainable slices. Building them in every forward cost kernels and allocations,
+        # twice per step under gradient checkpointing.
+        self.ssah_slices = BufferDict({}, persistent=False)
+        self.ssah_keep = BufferDict({}, persistent=False)
         self.ssah_dropout = nn.ModuleDict({})
         self.ssah_axis: dict[str, Axis] = {}
         self.ssah_update: dict[str, SSAHUpdate] = {}
@@ -73,6 +87,7 @@ class SSAHLayer(BaseTunerLayer):
         self.ssah_axis[adapter_name] = axis
         self.scaling[adapter_name] = scaling
         self.ssah_index[adapter_name] = index.to(torch.int32)
+        self.ssah_slices[adapter_name] = index
         self.ssah_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         update.create(self, adapter_name, r)
         if not init_weights:
@@ -81,8 +96,9 @@ class SSAHLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def slice_index(self, adapter: str, device: torch.device) -> torch.Tensor:
-        """The adapter's slice indices as int64 on ``device`` (stored as int32, the form saved with the adapter)."""
-        return self.ssah_index[adapter].to(device=device, dtype=torch.long)
+        """The adapter's slice indices as int64 on ``device`` (``ssah_index`` holds them as saved: int32)."""
+        index = self.ssah_slices[adapter]
+        return index if index.device == device else index.to(device)
 
     def _adapter_forward(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result`` (the base layer's output) plus this adapter's update, computed in the adapter's dtype."""

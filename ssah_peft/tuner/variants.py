@@ -99,6 +99,12 @@ class ProtectUpdate(SSAHUpdate):
         layer.ssah_A[adapter] = nn.Parameter(torch.empty(r, layer.in_features))
         layer.ssah_B[adapter] = nn.Parameter(torch.zeros(layer.out_features, r))
         nn.init.kaiming_uniform_(layer.ssah_A[adapter], a=math.sqrt(5))
+        index = layer.ssah_slices[adapter]
+        if index.numel():  # the trainable slices, shaped to broadcast over B's rows or A's columns
+            out_axis = layer.ssah_axis[adapter] == "out"
+            keep = torch.ones(layer.out_features if out_axis else layer.in_features, dtype=torch.bool)
+            keep[index] = False
+            layer.ssah_keep[adapter] = keep[:, None] if out_axis else keep[None, :]
 
     def randomize(self, layer: SSAHLayer, adapter: str) -> None:
         with torch.no_grad():  # A is random already; B starts at zero
@@ -108,15 +114,15 @@ class ProtectUpdate(SSAHUpdate):
         return layer.ssah_A[adapter], layer.ssah_B[adapter]
 
     def masked(self, layer: SSAHLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A and B with the protected slices set to exactly zero (out of place, so their grads are zero)."""
+        """A and B with the protected slices set to exactly zero: one ``where`` against the precomputed mask, out
+        of place so their gradients are zero too, and exact whatever values (inf and nan included) they hold."""
         A, B = layer.ssah_A[adapter], layer.ssah_B[adapter]
-        index = layer.slice_index(adapter, A.device)
-        if index.numel():
-            if layer.ssah_axis[adapter] == "out":
-                B = B.index_fill(0, index, 0.0)
-            else:
-                A = A.index_fill(1, index, 0.0)
-        return A, B
+        if adapter not in layer.ssah_keep:
+            return A, B
+        keep = layer.ssah_keep[adapter]
+        if layer.ssah_axis[adapter] == "out":
+            return A, torch.where(keep, B, 0.0)
+        return torch.where(keep, A, 0.0), B
 
     def forward(self, layer: SSAHLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         A, B = self.masked(layer, adapter)
