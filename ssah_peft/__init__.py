@@ -30,6 +30,7 @@ from .units import ARCHITECTURES, ArchitectureSpec, BlockSpec, ProjectionPart, r
 
 __all__ = [
     "ARCHITECTURES",
+    "FinetuneResult",
     "ArchitectureSpec",
     "BlockSpec",
     "ProjectionPart",
@@ -49,6 +50,7 @@ __all__ = [
     "dense_weight",
     "disable_cpu_4bit_repacking",
     "evaluate",
+    "finetune",
     "load_builtin",
     "merge_and_dequantize",
     "merge_partial_scores",
@@ -60,3 +62,13 @@ __all__ = [
     "unit_slices",
     "unit_statistics",
 ]
+
+
+def __getattr__(name: str):
+    """``finetune`` and ``FinetuneResult`` are imported on first use: they pull in transformers' ``Trainer``, which
+    ``import ssah_peft`` (run whenever peft is imported, see the ``.pth`` hook) should not pay for."""
+    if name in ("finetune", "FinetuneResult"):
+        from . import finetuning
+
+        return getattr(finetuning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

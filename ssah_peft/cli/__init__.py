@@ -8,6 +8,7 @@ such a function and listing it here. The commands (one module each):
 * ``units show|compare|migrate|merge-scores`` (:mod:`.units`): inspect unit maps, merge partial score files;
 * ``eval`` (:mod:`.evaluate`): safety and utility of a chat model, optionally with an adapter;
 * ``probe``, ``ablate``, ``scan``, ``report`` (:mod:`.analysis`): the analyses and their report;
+* ``finetune`` (:mod:`.finetune`): fine-tune a chat model on the user's data, keeping its refusals;
 * ``demo`` (:mod:`.demo`): the whole experiment.
 
 What the commands share: user errors (:mod:`.errors`), output and input paths (:mod:`.paths`), reading input files
@@ -26,6 +27,7 @@ from .analysis import register_ablate, register_probe, register_report, register
 from .demo import register_demo
 from .errors import run_command
 from .evaluate import register as register_eval
+from .finetune import register as register_finetune
 from .inputs import read_pairs
 from .options import HelpFormatter
 from .score import register_score
@@ -44,6 +46,7 @@ COMMANDS: list[Registrar] = [
     register_ablate,
     register_scan,
     register_report,
+    register_finetune,
     register_demo,
 ]
 

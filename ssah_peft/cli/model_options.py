@@ -29,10 +29,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
+from ..data.text_files import read_text
 from ..models import DEFAULT_MODEL
 from ..scoring import PLAIN_CHAT_TEMPLATE
 from .errors import CLIError, loading, user_errors
-from .inputs import read_text
 from .paths import PARTIAL_SCORES, UNIT_MAP, check_input_file, is_kind, safetensors_metadata
 
 #: Help of every ``--model`` option.
