@@ -150,3 +150,17 @@ def repack_4bit_for_cpu(model: torch.nn.Module) -> list[str]:
             module.weight.data, _ = _convert_weight_packed_for_cpu(module.weight.data, module.weight.quant_state)
             repacked.append(name)
     return repacked
+
+
+def model_scores(model: torch.nn.Module, seed: int):
+    """Random float64 unit scores of the right shapes for ``model`` (a stand-in for a scoring pass)."""
+    from ssah_peft import UnitScores
+    from ssah_peft.scoring import model_fingerprint
+
+    fingerprint = model_fingerprint(model)
+    generator = torch.Generator().manual_seed(seed)
+    scores = {
+        kind: tuple(torch.rand(w, generator=generator, dtype=torch.float64) for w in widths)
+        for kind, widths in fingerprint["widths"].items()
+    }
+    return UnitScores(scores=scores, method="variance", num_tokens=1, num_sequences=1, fingerprint=fingerprint)

@@ -14,10 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer, tiny_units
+from conftest import model_scores, tiny_model, tiny_tokenizer, tiny_units
 from test_unit_map import SAFETY_TOKENS, planted_llama, planted_units, random_scores
 
-from ssah_peft import UnitMap, UnitScores, dense_weight, disable_cpu_4bit_repacking, resolve_architecture, unit_slices
+from ssah_peft import UnitMap, dense_weight, disable_cpu_4bit_repacking, resolve_architecture, unit_slices
 from ssah_peft.analysis import (
     AblationRow,
     AblationTable,
@@ -40,7 +40,6 @@ from ssah_peft.cli import analysis as commands
 from ssah_peft.cli import main
 from ssah_peft.data import load_builtin
 from ssah_peft.evaluate import perplexity
-from ssah_peft.scoring import model_fingerprint
 
 # ----------------------------------------------------------------------------------------------------
 # Ablation
@@ -242,16 +241,6 @@ def test_probe_rejects_openings_shorter_than_max_appended():
 # ----------------------------------------------------------------------------------------------------
 # Degradation scan
 # ----------------------------------------------------------------------------------------------------
-
-
-def model_scores(model, seed: int) -> UnitScores:
-    fingerprint = model_fingerprint(model)
-    generator = torch.Generator().manual_seed(seed)
-    scores = {
-        kind: tuple(torch.rand(w, generator=generator, dtype=torch.float64) for w in widths)
-        for kind, widths in fingerprint["widths"].items()
-    }
-    return UnitScores(scores=scores, method="variance", num_tokens=1, num_sequences=1, fingerprint=fingerprint)
 
 
 def test_scan_stops_at_the_first_fraction_beyond_tolerance(tmp_path):

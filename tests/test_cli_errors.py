@@ -14,16 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import model_scores, tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 
-from ssah_peft import UnitMap, UnitScores, models
+from ssah_peft import UnitMap, models
 from ssah_peft.cli import analysis as commands
 from ssah_peft.cli import build_parser, main, read_pairs
 from ssah_peft.cli import demo as demo_cli
 from ssah_peft.cli import units as units_cli
 from ssah_peft.experiments import demo
-from ssah_peft.scoring import PARTIAL_FILE_FORMAT, model_fingerprint
+from ssah_peft.scoring import PARTIAL_FILE_FORMAT
 
 
 class ModelLoaded(Exception):
@@ -43,16 +43,6 @@ def loads(monkeypatch) -> list[str]:
     monkeypatch.setattr(demo, "load", load)
     monkeypatch.setattr(demo_cli, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
     return calls
-
-
-def model_scores(model, seed: int) -> UnitScores:
-    fingerprint = model_fingerprint(model)
-    generator = torch.Generator().manual_seed(seed)
-    scores = {
-        kind: tuple(torch.rand(w, generator=generator, dtype=torch.float64) for w in widths)
-        for kind, widths in fingerprint["widths"].items()
-    }
-    return UnitScores(scores=scores, method="variance", num_tokens=1, num_sequences=1, fingerprint=fingerprint)
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +85,12 @@ def refused(capsys, argv: list[str], status: int = 2) -> str:
     return " ".join(" ".join(lines[first:]).split())  # argparse wraps long lines
 
 
-def score_command(files, *extra: str) -> list[str]:
+def score_command(files, *extra: str, utility_data=None) -> list[str]:
     checkpoint, data, _, _ = files
+    utility = str(utility_data or data)
     return [
-        "score",
-        "--model",
-        str(checkpoint),
-        "--safety-data",
-        str(data),
-        "--utility-data",
-        str(data),
-        "--no-progress",
-        *extra,
+        *("score", "--model", str(checkpoint), "--safety-data", str(data), "--utility-data", utility),
+        *("--no-progress", *extra),
     ]
 
 
@@ -167,6 +151,7 @@ def test_outputs_are_checked_before_any_work(case, files, tmp_path, capsys, load
     foreign.write_text("not ours")
     missing = tmp_path / "missing" / "out.safetensors"
     model = ["--model", str(checkpoint), "--no-progress"]
+    scan_run = ["scan", *model, "--unit-map", str(unit_map), "--out-dir", str(tmp_path / "run")]
     argv, named = {
         "score-out-missing-dir": (score_command(files, "--out", str(missing)), [str(missing.parent), "mkdir"]),
         "score-out-dir": (score_command(files, "--out", str(tmp_path)), [str(tmp_path), "folder"]),
@@ -208,30 +193,9 @@ def test_outputs_are_checked_before_any_work(case, files, tmp_path, capsys, load
             ["scan", *model, "--unit-map", str(unit_map), "--out-dir", str(foreign)],
             ["--out-dir", str(foreign)],
         ),
-        "scan-out-map-missing-dir": (
-            [
-                "scan",
-                *model,
-                "--unit-map",
-                str(unit_map),
-                "--out-dir",
-                str(tmp_path / "run"),
-                "--out-map",
-                str(missing),
-            ],
-            ["--out-map", str(missing.parent)],
-        ),
+        "scan-out-map-missing-dir": ([*scan_run, "--out-map", str(missing)], ["--out-map", str(missing.parent)]),
         "scan-out-map-foreign": (
-            [
-                "scan",
-                *model,
-                "--unit-map",
-                str(unit_map),
-                "--out-dir",
-                str(tmp_path / "run"),
-                "--out-map",
-                str(foreign),
-            ],
+            [*scan_run, "--out-map", str(foreign)],
             ["--out-map", str(foreign), "--overwrite"],
         ),
         "report-foreign-md": (["report", str(tmp_path)], [str(tmp_path / "report.md"), "--overwrite"]),
@@ -405,21 +369,8 @@ def test_non_utf8_data_names_the_file_and_line(files, tmp_path, capsys, loads):
     bad.write_bytes(b'{"prompt": "a", "response": "b"}\n\n{"prompt": "' + NOT_UTF8 + b'", "response": "b"}\n')
     with pytest.raises(ValueError, match=r"latin1\.jsonl:3: .*UTF-8"):
         read_pairs(str(bad))
-    message = refused(
-        capsys,
-        [
-            "score",
-            "--model",
-            str(checkpoint),
-            "--safety-data",
-            str(data),
-            "--utility-data",
-            str(bad),
-            "--out",
-            str(tmp_path / "m.safetensors"),
-        ],
-        status=1,
-    )
+    command = score_command(files, "--out", str(tmp_path / "m.safetensors"), utility_data=bad)
+    message = refused(capsys, command, status=1)
     assert re.search(rf"^ssah-peft: error: {re.escape(str(bad))}:3: .*UTF-8", message), message
 
     prompts = tmp_path / "prompts.jsonl"
