@@ -2,6 +2,8 @@
 
     python benchmarks/scoring.py --hidden 512 --layers 4
     torchrun --nproc_per_node 2 benchmarks/scoring.py --threads 1     # 2 processes (gloo on CPU)
+    python benchmarks/scoring.py --size 1b --dtype bfloat16 --device cuda --batch 8 --seq 512 --batches 16 \
+        --methods variance wanda --out scoring_1b.json                # on a GPU (the model is built there)
 
 A random Llama scores random calibration batches (the real tokens after the first quarter of a row are scored).
 Each repeat times, in alternating order, one plain ``model(**inputs)`` pass under ``torch.no_grad()`` over all
@@ -17,19 +19,28 @@ slowest process and include the merge. Tokens/s count the real tokens of all pro
 resident set above the start of each run, measured once per run after the timings, in the table's order (the
 allocator reuses what earlier runs freed, so it understates later runs; the scorer's own state is 3 float64
 vectors per output projection).
+
+With ``--device cuda`` the random model is initialized on the GPU (no CPU copy) and the batches are moved there
+before any timing, so both runs read the same device tensors; every timed run starts and ends with a
+``torch.cuda.synchronize()``, and peak memory is ``max_memory_allocated`` above the start of the run (exact, in
+any order). ``--size`` takes a shape of ``train_step.py`` (``1b``: Llama-3.2-1B widths) instead of the shape
+options. Under ``torchrun`` with CUDA each process uses the GPU of its LOCAL_RANK and NCCL.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
+from train_step import SIZES  # benchmarks/train_step.py
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ssah_peft import score_units
@@ -61,8 +72,21 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "score_mask"}
 
 
+def peak_memory_above_start(work: Callable[[], object], device: str) -> int:
+    """Peak memory of ``work()`` above its start, in bytes: CUDA's allocator counters, or the CPU resident set."""
+    if not device.startswith("cuda"):
+        return peak_rss_above_start(work)[1]
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    work()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), help="a shape of train_step.py; overrides the shape options")
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=1376)
     parser.add_argument("--layers", type=int, default=4)
@@ -76,16 +100,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--methods", nargs="+", default=["variance", "wanda", "snip"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--out", type=Path, help="write the table and every sample as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if args.batches < world:
         parser.error(f"--batches {args.batches} cannot be shared by {world} processes")
+    cuda = device.startswith("cuda")
 
-    config = AutoConfig.for_model(
-        "llama",
+    shape = dict(
         hidden_size=args.hidden,
         intermediate_size=args.intermediate,
         num_hidden_layers=args.layers,
@@ -93,10 +123,14 @@ def main() -> None:
         num_key_value_heads=args.kv_heads,
         vocab_size=args.vocab,
     )
+    if args.size:
+        shape = SIZES[args.size]
+    config = AutoConfig.for_model("llama", **shape)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, args.dtype)).eval()
-    all_batches = random_batches(args.vocab, args.batch, args.seq, args.batches)
-    batches = all_batches[rank::world]
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
+    all_batches = random_batches(config.vocab_size, args.batch, args.seq, args.batches)
+    batches = [{key: value.to(device) for key, value in batch.items()} for batch in all_batches[rank::world]]
 
     def plain_forward() -> None:
         with torch.no_grad():
@@ -124,46 +158,62 @@ def main() -> None:
     names = list(runs)
     for repeat in range(args.repeats):
         for name in names if repeat % 2 == 0 else reversed(names):
-            _barrier()
+            _barrier(cuda)
             start_wall, start_cpu = time.perf_counter(), time.process_time()
             runs[name]()
-            _barrier()
+            _barrier(cuda)
             wall[name].append(time.perf_counter() - start_wall)
             cpu[name].append(time.process_time() - start_cpu)
-    peak = {name: peak_rss_above_start(runs[name])[1] for name in names}
+    peak = {name: peak_memory_above_start(runs[name], device) for name in names}
 
     if rank == 0:
         tokens = sum(int(b["attention_mask"].sum()) for b in all_batches)
         scored = sum(int(b["score_mask"].sum()) for b in all_batches)
-        print(
-            f"llama hidden={args.hidden} intermediate={args.intermediate} layers={args.layers} vocab={args.vocab} "
-            f"{args.dtype}; {args.batches} batches of {args.batch}x{args.seq} ({tokens} real tokens, {scored} "
-            f"scored) over {world} process(es); {args.repeats} interleaved repeats, {torch.get_num_threads()} "
-            "threads per process\n"
-        )
-        print(
+        where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads per process"
+        lines = [
+            f"llama hidden={config.hidden_size} intermediate={config.intermediate_size} "
+            f"layers={config.num_hidden_layers} vocab={config.vocab_size} {args.dtype} on {device} ({where}); "
+            f"{args.batches} batches of {args.batch}x{args.seq} ({tokens} real tokens, {scored} scored) over "
+            f"{world} process(es); {args.repeats} interleaved repeats",
+            "",
             "Ratios to the plain forward: median over repeats of the ratio within a repeat, and ratio of the "
             "minimums. CPU time (process time, process 0) is the robust figure on a shared machine; it counts "
-            "spinning threads too. Peak: process 0's resident set above the start of the run.\n"
-        )
-        print(
+            "spinning threads too (on a GPU it is the launching thread's time). Peak: "
+            + ("CUDA max_memory_allocated" if cuda else "process 0's resident set")
+            + " above the start of the run.",
+            "",
             "| run | wall median s | wall ratio (paired) | wall ratio (min) | CPU median s | CPU ratio (paired) | "
-            "tokens/s | peak MiB |"
-        )
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            "tokens/s | peak MiB |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
         plain = "plain forward (no grad)"
         for name in names:
-            print(
+            lines.append(
                 f"| {name} | {statistics.median(wall[name]):.3f} | {_paired(wall[name], wall[plain]):.3f} | "
                 f"{min(wall[name]) / min(wall[plain]):.3f} | {statistics.median(cpu[name]):.3f} | "
                 f"{_paired(cpu[name], cpu[plain]):.3f} | {tokens / statistics.median(wall[name]):.0f} | "
                 f"{peak[name] / 2**20:.0f} |"
             )
+        print("\n".join(lines))
+        if args.out:
+            runs_out = {
+                name: {
+                    "wall_s": wall[name],
+                    "cpu_s": cpu[name],
+                    "wall_ratio_paired": _paired(wall[name], wall[plain]),
+                    "wall_ratio_min": min(wall[name]) / min(wall[plain]),
+                    "peak_memory_bytes": peak[name],
+                }
+                for name in names
+            }
+            args.out.write_text(json.dumps({"setup": lines[0], "runs": runs_out, "table": "\n".join(lines)}, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _barrier() -> None:
+def _barrier(cuda: bool = False) -> None:
+    if cuda:
+        torch.cuda.synchronize()
     if dist.is_initialized():
         dist.barrier()
 
