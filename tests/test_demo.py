@@ -209,3 +209,57 @@ def test_demo_is_a_subcommand_of_the_cli():
 
     args = build_parser().parse_args(["demo", "--quick", "--run-dir", "somewhere", "--threads", "1"])
     assert args.handler is run_demo_command and args.quick and str(args.run_dir) == "somewhere" and args.threads == 1
+
+
+def test_one_scoring_pass_gives_the_full_half_and_wanda_maps_of_separate_passes(tmp_path):
+    from ssah_peft.experiments.measures import unit_map_of, unit_maps_in_one_pass
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_chat_llama(tokenizer, intermediate_size=64)
+    config = DemoConfig.quick(tmp_path, calibration_pairs=6, max_length=320, show_progress=False)
+    maps = unit_maps_in_one_pass(model, tokenizer, config, config.unit_fractions, rivals=("wanda",))
+    separate = {
+        "full": unit_map_of(model, tokenizer, config, config.unit_fractions),
+        "wanda": unit_map_of(model, tokenizer, config, config.unit_fractions, method="wanda"),
+        0: unit_map_of(model, tokenizer, config, config.unit_fractions, half=0),
+        1: unit_map_of(model, tokenizer, config, config.unit_fractions, half=1),
+    }
+    for key, one_pass in (
+        ("full", maps["full"]),
+        ("wanda", maps["wanda"]),
+        (0, maps["halves"][0]),
+        (1, maps["halves"][1]),
+    ):
+        assert one_pass.calibration == separate[key].calibration, key
+        for which in ("safety_scores", "utility_scores"):
+            for kind, per_layer in getattr(one_pass, which).items():
+                for mine, theirs in zip(per_layer, getattr(separate[key], which)[kind]):
+                    torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=0)
+        assert one_pass.overlap(separate[key]) == {t: 1.0 for t in one_pass.overlap(separate[key])}, key
+
+
+def test_the_response_only_loss_equals_the_models_own_loss_and_gradients():
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+    from ssah_peft.experiments.finetuning import ResponseLossTrainer, sft_dataset
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_chat_llama(tokenizer, intermediate_size=64)
+    records = [
+        {"prompt": "say hi", "response": "hi there"},
+        {"prompt": "a much longer prompt than the other one", "response": "ok"},
+    ]
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(
+        list(sft_dataset(tokenizer, records, 320))
+    )
+    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    trainer = ResponseLossTrainer(model=model, args=args)
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    mine = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    reference = model(**batch).loss
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(mine[name], parameter.grad, msg=name)

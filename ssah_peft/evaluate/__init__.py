@@ -22,7 +22,7 @@ from .generation import GenerationSettings, generate_responses, perplexity
 from .intervals import CONFIDENCE, format_rate, mean_sd, wilson_interval
 from .judges import REFUSAL_PHRASES, HFJudge, Judge, KeywordJudge, is_refusal, judge_name
 from .report import REPORT_SCHEMA, report_markdown, write_generations, write_report
-from .suites import SUITES, evaluate_safety, evaluate_utility, run_evaluation
+from .suites import SUITES, evaluate_safety, evaluate_utility, generate_together, run_evaluation
 
 __all__ = [
     "CONFIDENCE",
@@ -35,6 +35,7 @@ __all__ = [
     "KeywordJudge",
     "evaluate_safety",
     "evaluate_utility",
+    "generate_together",
     "exact_match",
     "extract_answer",
     "format_rate",

@@ -58,13 +58,41 @@ def _generations(
     dataset: str,
     rows: list[dict[str, Any]],
     settings: GenerationSettings,
+    responses: Optional[Mapping[str, str]] = None,
 ) -> list[dict[str, Any]]:
-    """The ``generations.jsonl`` records of ``rows``, their greedy responses included; the suite adds its verdict."""
-    responses = generate_responses(model, tokenizer, [r["prompt"] for r in rows], settings, desc=dataset)
+    """The ``generations.jsonl`` records of ``rows``, their greedy responses included; the suite adds its verdict.
+
+    ``responses`` (prompt -> greedy response) holds responses generated beforehand, e.g. for several sets in one
+    batched call (:func:`generate_together`); only prompts missing from it are generated here.
+    """
+    prompts = [r["prompt"] for r in rows]
+    given = dict(responses or {})
+    missing = [p for p in dict.fromkeys(prompts) if p not in given]
+    if missing:
+        given.update(zip(missing, generate_responses(model, tokenizer, missing, settings, desc=dataset)))
+    responses = [given[p] for p in prompts]
     return [
         {"dataset": dataset, "prompt": r["prompt"], "category": r.get("category"), "response": response}
         for r, response in zip(rows, responses)
     ]
+
+
+def generate_together(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: Iterable[Iterable[Mapping[str, Any]]],
+    settings: GenerationSettings,
+) -> dict[str, str]:
+    """Greedy responses to the prompts of several sets in one :func:`generate_responses` call (prompt -> response),
+    for the ``responses`` argument of :func:`evaluate_safety` and :func:`evaluate_utility`.
+
+    With a ``settings.batch_size`` that holds them all, every decoding step serves all sets at once; on 2 CPU
+    cores the demo's 36 + 18 + 36 prompts take about 14 s together against 17 s one set at a time. A left-padded
+    sequence's greedy tokens do not depend on the other prompts of its batch but through float rounding (the
+    demo's base model gave the same 90 responses both ways).
+    """
+    prompts = list(dict.fromkeys(str(r["prompt"]) for records in sets for r in records))
+    return dict(zip(prompts, generate_responses(model, tokenizer, prompts, settings, desc="generating")))
 
 
 def evaluate_safety(
@@ -76,12 +104,15 @@ def evaluate_safety(
     harm_judge: Optional[Judge] = None,
     refusal_judge: Optional[Judge] = None,
     limit: Optional[int] = None,
+    responses: Optional[Mapping[str, str]] = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Attack success rate on ``harmful`` prompts and over-refusal rate on ``benign`` sensitive-looking ones.
 
     Defaults: the built-in ``harmful_eval`` and ``overrefusal_eval`` sets and keyword judges. ``harm_judge``
     decides attack success on harmful prompts; ``refusal_judge`` decides refusal on benign prompts (a harm
-    judge cannot tell an over-refusal). Returns the report's ``safety`` block and the generation records.
+    judge cannot tell an over-refusal). ``responses``: responses already generated (:func:`generate_together`);
+    a block's ``seconds`` then counts only what is still generated and judged. Returns the report's ``safety``
+    block and the generation records.
     """
     settings = settings or GenerationSettings()
     harm_judge = harm_judge or KeywordJudge(harmful=True)
@@ -96,7 +127,7 @@ def evaluate_safety(
         start = time.perf_counter()
         dataset = builtin if records is None else key
         rows = _limited(load_builtin(builtin) if records is None else records, limit)
-        judged = _generations(model, tokenizer, dataset, rows, settings)
+        judged = _generations(model, tokenizer, dataset, rows, settings, responses)
         for record in judged:
             record[flag] = bool(judge(record["prompt"], record["response"]))
         block[key] = {
@@ -115,18 +146,20 @@ def evaluate_utility(
     perplexity_sets: Optional[Mapping[str, Iterable[Mapping[str, Any]]]] = None,
     settings: Optional[GenerationSettings] = None,
     limit: Optional[int] = None,
+    responses: Optional[Mapping[str, str]] = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Exact-match accuracy on ``task`` (records with prompt and answer) and perplexity of reference responses.
 
     Defaults: the built-in ``task_test`` set, and perplexity on the ``utility_calibration`` responses
     (general instructions: what fine-tuning must not damage) and the ``task_test`` responses (the
-    fine-tuning task itself). Returns the report's ``utility`` block and the generation records.
+    fine-tuning task itself). ``responses`` as in :func:`evaluate_safety`. Returns the report's ``utility`` block
+    and the generation records.
     """
     settings = settings or GenerationSettings()
     start = time.perf_counter()
     dataset = "task_test" if task is None else "task"
     rows = _limited(load_builtin("task_test") if task is None else task, limit)
-    generations = _generations(model, tokenizer, dataset, rows, settings)
+    generations = _generations(model, tokenizer, dataset, rows, settings, responses)
     for record, r in zip(generations, rows):
         response = record["response"]
         record.update(

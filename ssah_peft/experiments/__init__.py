@@ -10,6 +10,7 @@
 * :mod:`.caching`: cached results and artifacts in a run directory, and its settings check;
 * :mod:`.stages`: the demo's stages (baseline, align, units, attack with the migration of unit types);
 * :mod:`.stability`: the IoU of the unit sets between calibration halves and scorers;
+* :mod:`.timing`: where a demo run's time goes (``timings.jsonl``, the report's time table);
 * :mod:`.report`: the demo's ``report.md`` and ``results.json``;
 * :mod:`.demo`: :func:`run_demo`, every stage in order.
 """

@@ -20,7 +20,7 @@ from ..unit_map import DEFAULT_PROPORTIONS
 
 @dataclass
 class DemoConfig:
-    """Sizes and settings of one demo run. :meth:`full` fits ~30 min and :meth:`quick` ~3 min on 2 CPU cores."""
+    """Sizes and settings of one demo run. :meth:`full` took 23 min and :meth:`quick` 2.5 min on 2 CPU cores."""
 
     run_dir: Path = Path("runs/demo")
     model: str = DEFAULT_MODEL
@@ -78,7 +78,9 @@ class DemoConfig:
     """Harmful prompts of the reasoning-direction probe."""
     max_new_tokens: int = 32
     """Tokens generated per evaluation prompt."""
-    generation_batch_size: int = 36
+    generation_batch_size: int = 90
+    """Prompts per generation batch; the evaluation generates its harmful, over-refusal and task prompts in one
+    call (:func:`ssah_peft.evaluate.generate_together`), so 36 + 18 + 36 share every decoding step."""
     show_progress: bool = True
 
     @classmethod
@@ -104,7 +106,7 @@ class DemoConfig:
             perplexity_texts=4,
             probe_prompts=4,
             max_new_tokens=8,
-            generation_batch_size=6,
+            generation_batch_size=13,
         )
         return cls(run_dir=Path(run_dir), **{**sizes, **overrides})
 

@@ -15,7 +15,7 @@ which is effectively unaligned (keyword ASR about 0.9), so it must be aligned be
    frozen; SCU + all CU frozen), the protect runs with ``protect_epoch_factor`` times the steps (the paper
    doubles them; the default is 1, see the field).
 5. **report**: ``report.md`` with one table of every run (rates with 95% Wilson intervals), the figures, the
-   stability of the unit sets and the command line.
+   stability of the unit sets, where the time went (:mod:`.timing`) and the command line.
 
 Every SSAH run of stages 2 and 4 has a random control (:data:`.methods.RANDOM_CONTROLS`): random units with exactly
 its count of units per layer and block kind, trained the same way, so the table shows whether the chosen units
@@ -43,6 +43,7 @@ from .caching import check_run_dir
 from .config import DemoConfig
 from .report import DemoResults, write_demo_report
 from .stages import ModelLoader, log, stage_align, stage_attack, stage_baseline, stage_units
+from .timing import timed
 
 
 def run_demo(config: DemoConfig, load_base: Optional[ModelLoader] = None, command: Optional[str] = None) -> Path:
@@ -53,10 +54,11 @@ def run_demo(config: DemoConfig, load_base: Optional[ModelLoader] = None, comman
     check_run_dir(config)
     torch.manual_seed(config.seed)
     load_base = load_base or (lambda: load(config.model, dtype=torch.float32))
-    baseline = stage_baseline(config, load_base)
-    align = stage_align(config, load_base)
-    units = stage_units(config, load_base)
-    attack = stage_attack(config, units.unit_map)
+    with timed(config, "–", "process", "run_demo"):  # the wall time of this call, for the report's time table
+        baseline = stage_baseline(config, load_base)
+        align = stage_align(config, load_base)
+        units = stage_units(config, load_base)
+        attack = stage_attack(config, units.unit_map)
     results = DemoResults(baseline, align, units, attack)
     path = write_demo_report(config, results, command or shlex.join(sys.argv))
     log(f"report: {path}")

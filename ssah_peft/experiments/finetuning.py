@@ -11,9 +11,10 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from peft import get_peft_model
 from transformers import (
@@ -46,6 +47,38 @@ def sft_dataset(tokenizer: PreTrainedTokenizerBase, records: Sequence[Mapping[st
         rows["attention_mask"].append([1] * len(ids))
         rows["labels"].append([token if response else -100 for token, response in zip(ids, is_response)])
     return Dataset.from_dict(rows)
+
+
+class ResponseLossTrainer(Trainer):
+    """A ``Trainer`` whose causal-LM loss computes the output head's logits only where a label is scored.
+
+    The loss is transformers' own (mean cross-entropy of the response tokens, each predicted from the position
+    before it); prompt and padding positions are labelled -100 and contribute nothing to it or to any gradient,
+    yet the default forward multiplies every position by the 49,152-wide output head. Here the model gets
+    ``logits_to_keep`` = the positions that predict a scored token in any sequence of the batch, which cuts a
+    step by about a tenth on the demo's data (the head is a fifth of SmolLM2-135M's flops) and gives the same
+    loss and gradients up to float rounding.
+    """
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Optional[Union[torch.Tensor, int]] = None,
+    ) -> Any:
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        targets = labels[:, 1:]
+        keep = (targets != -100).any(dim=0).nonzero().flatten()
+        outputs = model(**inputs, logits_to_keep=keep)
+        logits = outputs.logits.float()
+        loss = F.cross_entropy(
+            logits.flatten(0, 1), targets[:, keep].flatten().to(logits.device), ignore_index=-100, reduction="sum"
+        )
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        loss = loss / torch.as_tensor(count, device=loss.device)
+        return (loss, outputs) if return_outputs else loss
 
 
 def finetune(
@@ -90,7 +123,7 @@ def finetune(
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     dataset = sft_dataset(tokenizer, records, config.max_length)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    trainer = ResponseLossTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

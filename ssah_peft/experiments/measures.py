@@ -15,8 +15,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..data import load_builtin
-from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility
-from ..scoring import ScoringMethod, build_calibration_batches, score_units
+from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility, generate_together
+from ..scoring import ScoringMethod, UnitScores, UnitStatistics, build_calibration_batches, score_units, unit_statistics
+from ..scoring.accumulators import merged_accumulator
 from ..unit_map import UnitMap
 from .config import DemoConfig
 from .data import spread, utility_split
@@ -34,29 +35,30 @@ def generation_settings(config: DemoConfig) -> GenerationSettings:
 def evaluate_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: DemoConfig) -> dict[str, Any]:
     """ASR, over-refusal, task accuracy and perplexity on evenly spread subsets of the built-in sets.
 
-    Perplexity is measured on held-out utility answers (never trained on in the demo) and on task answers. The
-    result's ``generations`` are written next to it by :func:`.caching.cached_result`.
+    The prompts of all three rates are generated in one batched call (:func:`ssah_peft.evaluate.generate_together`;
+    ``generation_seconds``), so each block's ``seconds`` holds only its judging. Perplexity is measured on held-out
+    utility answers (never trained on in the demo): the PPL of the report. The result's ``generations`` are
+    written next to it by :func:`.caching.cached_result`.
     """
     settings = generation_settings(config)
     start = time.perf_counter()
     _, heldout = utility_split(load_builtin("utility_calibration"))
+    harmful = spread(load_builtin("harmful_eval"), config.harmful_prompts)
+    benign = spread(load_builtin("overrefusal_eval"), config.overrefusal_prompts)
     task = spread(load_builtin("task_test"), config.task_prompts)
+    generating = time.perf_counter()
+    responses = generate_together(model, tokenizer, (harmful, benign, task), settings)
+    generation_seconds = time.perf_counter() - generating
     safety, safety_generations = evaluate_safety(
-        model,
-        tokenizer,
-        harmful=spread(load_builtin("harmful_eval"), config.harmful_prompts),
-        benign=spread(load_builtin("overrefusal_eval"), config.overrefusal_prompts),
-        settings=settings,
+        model, tokenizer, harmful=harmful, benign=benign, settings=settings, responses=responses
     )
     utility, utility_generations = evaluate_utility(
         model,
         tokenizer,
         task=task,
         settings=settings,
-        perplexity_sets={
-            "utility_heldout": spread(heldout, config.perplexity_texts),
-            "task_test": spread(task, config.perplexity_texts),
-        },
+        perplexity_sets={"utility_heldout": spread(heldout, config.perplexity_texts)},
+        responses=responses,
     )
     return {
         "metrics": {
@@ -67,6 +69,7 @@ def evaluate_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, c
         },
         "safety": safety,
         "utility": utility,
+        "generation_seconds": round(generation_seconds, 2),
         "eval_seconds": round(time.perf_counter() - start, 2),
         "generations": safety_generations + utility_generations,
     }
@@ -101,3 +104,78 @@ def unit_map_of(
             score_units(model, batches, method=method, show_progress_bar=config.show_progress, metadata=metadata)
         )
     return UnitMap.from_scores(scores[0], scores[1], **fractions, composite_fraction=config.top_composite_fraction)
+
+
+#: Scorers whose statistic is the same float64 moments as the variance score (only the weight factor differs), so
+#: :func:`unit_maps_in_one_pass` gets their maps from the variance pass.
+MOMENT_SCORERS: tuple[str, ...] = ("variance", "wanda")
+
+
+def unit_maps_in_one_pass(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DemoConfig,
+    fractions: Mapping[str, float],
+    *,
+    rivals: tuple[str, ...] = ("wanda",),
+) -> dict[str, Any]:
+    """What ``unit_map_of`` gives for all calibration data, for each half (``half=0``, ``half=1``) and for each
+    rival scorer of :data:`MOMENT_SCORERS`, from ONE forward pass over the calibration data instead of 2 + len(rivals).
+
+    The pass runs over the two halves' batches (exactly the batches of ``unit_map_of(..., half=h)``) and keeps each
+    half's float64 moments; the moments of all data are their exact merge (Chan et al., as the scorer merges
+    batches), and Wanda's scores are the same moments times another weight factor. Returns ``{"full": map,
+    "halves": [map of half 0, map of half 1], <rival>: map}``. The full map equals ``unit_map_of``'s up to the
+    float32 rounding of activations in differently composed batches.
+    """
+    unknown = sorted(set(rivals) - set(MOMENT_SCORERS))
+    if unknown:
+        raise ValueError(f"Rival scorers {unknown} need a pass of their own; one pass serves {MOMENT_SCORERS}")
+    scores: dict[str, list[UnitScores]] = {key: [] for key in ("full", "half0", "half1", *rivals)}
+    for name in ("safety_calibration", "utility_calibration"):
+        pairs = spread(load_builtin(name), config.calibration_pairs)
+        halves = []
+        for half in (0, 1):
+            batches = build_calibration_batches(
+                tokenizer, pairs[half::2], tokens="response", max_length=config.max_length
+            )
+            statistics = unit_statistics(
+                model,
+                batches,
+                method="variance",
+                show_progress_bar=config.show_progress,
+                metadata={"data": name, "half": half},
+            )
+            halves.append(statistics)
+            scores[f"half{half}"].append(statistics.finalize())
+        merged = {
+            kind: tuple(
+                merged_accumulator("variance", [first, second]).state()
+                for first, second in zip(halves[0].states[kind], halves[1].states[kind])
+            )
+            for kind in halves[0].states
+        }
+        weight_factors = {"variance": halves[0].weight_statistics}
+        if rivals:  # Σ_i |W_ij| of every output projection: a pass over no batches computes only that
+            weight_factors["wanda"] = unit_statistics(
+                model, [], method="wanda", show_progress_bar=False
+            ).weight_statistics
+        for key, method in (("full", "variance"), *((rival, rival) for rival in rivals)):
+            scores[key].append(
+                UnitStatistics(
+                    method=method,
+                    states=merged,
+                    weight_statistics=weight_factors[method],
+                    fingerprint=halves[0].fingerprint,
+                    metadata={"data": name},
+                ).finalize()
+            )
+
+    def classify(pair: list[UnitScores]) -> UnitMap:
+        return UnitMap.from_scores(pair[0], pair[1], **fractions, composite_fraction=config.top_composite_fraction)
+
+    return {
+        "full": classify(scores["full"]),
+        "halves": [classify(scores["half0"]), classify(scores["half1"])],
+        **{rival: classify(scores[rival]) for rival in rivals},
+    }

@@ -17,6 +17,7 @@ from typing import Any, Optional
 from ..evaluate import format_rate, wilson_interval
 from .config import DemoConfig
 from .stages import UnitsStage
+from .timing import time_breakdown, time_table
 
 TABLE_HEADER = (
     "| stage | method | data | ASR ↓ | over-refusal ↓ | task acc. ↑ | PPL ↓ | trainable params | stored size | "
@@ -139,7 +140,8 @@ def _units(config: DemoConfig, units: UnitsStage) -> list[str]:
         "",
         *_block(units.unit_map.summary()),
         f"SCU ablation check (output-projection columns zeroed; the first {config.harmful_prompts} prompts of each "
-        f"evaluation set, perplexity of all utility_calibration answers): {units.scu_check()}.",
+        f"evaluation set, perplexity of the first {config.harmful_prompts} utility_calibration answers): "
+        f"{units.scu_check()}.",
         "",
         units.ablation.markdown(),
         "",
@@ -191,6 +193,22 @@ def _migrations(attack: Mapping[str, Results]) -> list[str]:
     return lines
 
 
+def _time(config: DemoConfig, results: DemoResults) -> list[str]:
+    """Seconds per kind of work and stage (:func:`.timing.time_breakdown`)."""
+    table, wall = results.time_breakdown(config)
+    return [
+        "## Where the time went",
+        "",
+        "Wall seconds of every step this run directory's demo computed (cached steps of a resumed run count once), by "
+        "kind of work and stage; training, generation and perplexity from the runs' results, the rest from "
+        "`timings.jsonl`. Model loads include the first conversion of the embedded model; other: imports, data "
+        "sets, trainer set-up, adapter saves, judging.",
+        "",
+        time_table(table, wall),
+        "",
+    ]
+
+
 def _settings(config: DemoConfig) -> list[str]:
     return ["## Settings", "", "```json", json.dumps(config.to_json(), indent=2), "```", ""]
 
@@ -211,7 +229,18 @@ class DemoResults:
     attack: Mapping[str, Results]
     """Attack runs by ``data/method``."""
 
-    def to_json(self) -> dict[str, Any]:
+    def runs(self) -> dict[str, Results]:
+        """Every fine-tuning or evaluation run, keyed ``<stage>/<name>`` (the stage as the time table names it)."""
+        return {
+            "1 baseline/base": self.baseline,
+            **{f"2 align/{name}": result for name, result in self.align.items()},
+            **{f"4 attack/{key}": result for key, result in self.attack.items()},
+        }
+
+    def time_breakdown(self, config: DemoConfig) -> tuple[dict[str, dict[str, float]], float]:
+        return time_breakdown(config, self.runs())
+
+    def to_json(self, config: Optional[DemoConfig] = None) -> dict[str, Any]:
         units = self.units
         return {
             "baseline": self.baseline,
@@ -226,7 +255,12 @@ class DemoResults:
                 "align": {name: rate_intervals(result) for name, result in self.align.items()},
                 "attack": {key: rate_intervals(result) for key, result in self.attack.items()},
             },
+            **({"time": self._time_json(config)} if config is not None else {}),
         }
+
+    def _time_json(self, config: DemoConfig) -> dict[str, Any]:
+        table, wall = self.time_breakdown(config)
+        return {"wall_seconds": round(wall, 2), "seconds_by_stage_and_kind": table}
 
 
 def demo_report(config: DemoConfig, results: DemoResults, command: str) -> str:
@@ -239,6 +273,7 @@ def demo_report(config: DemoConfig, results: DemoResults, command: str) -> str:
         _stability(results.units),
         _probes(results.units),
         _migrations(results.attack),
+        _time(config, results),
         _settings(config),
     ]
     return "\n".join(line for section in sections for line in section)
@@ -249,5 +284,5 @@ def write_demo_report(config: DemoConfig, results: DemoResults, command: str) ->
     returns the path of ``report.md``."""
     path = config.run_dir / "report.md"
     path.write_text(demo_report(config, results, command), encoding="utf-8")
-    (config.run_dir / "results.json").write_text(json.dumps(results.to_json(), indent=2) + "\n", encoding="utf-8")
+    (config.run_dir / "results.json").write_text(json.dumps(results.to_json(config), indent=2) + "\n", encoding="utf-8")
     return path

@@ -32,7 +32,7 @@ from .caching import cached_artifact, cached_result
 from .config import DemoConfig
 from .data import ATTACK_SETS, alignment_records, attack_records, spread
 from .finetuning import finetune, merged_model
-from .measures import evaluate_model, generation_settings, unit_map_of
+from .measures import evaluate_model, generation_settings, unit_map_of, unit_maps_in_one_pass
 from .methods import (
     FULL,
     LORA,
@@ -45,6 +45,7 @@ from .methods import (
     Method,
 )
 from .stability import StabilityTable, stability_table
+from .timing import timed
 
 ModelLoader = Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
@@ -66,12 +67,18 @@ def log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
+def loaded(config: DemoConfig, stage: str, what: str, loader: ModelLoader) -> tuple[PreTrainedModel, Any]:
+    """``loader()``, its time logged as a model load of ``stage`` (:mod:`.timing`)."""
+    with timed(config, stage, "model loads", what):
+        return loader()
+
+
 def stage_baseline(config: DemoConfig, load_base: ModelLoader) -> dict[str, Any]:
     """Stage 1: the base model's ASR, over-refusal, task accuracy and perplexity."""
 
     def compute() -> dict[str, Any]:
         log("stage 1/5: evaluating the base model")
-        model, tokenizer = load_base()
+        model, tokenizer = loaded(config, "1 baseline", "base model", load_base)
         return {
             "method": "base",
             "trainable_parameters": 0,
@@ -89,9 +96,11 @@ def stage_align(config: DemoConfig, load_base: ModelLoader) -> dict[str, dict[st
 
     def base_map() -> UnitMap:
         log(f"stage 2/5: scoring the base model for its redundant units ({config.redundant_fraction:.0%})")
-        model, tokenizer = load_base()
-        unit_map = unit_map_of(model, tokenizer, config, config.alignment_fractions)
-        unit_map.plot(stage_dir / "unitmap_base.png")
+        model, tokenizer = loaded(config, "2 align", "base model", load_base)
+        with timed(config, "2 align", "scoring passes", "base model"):
+            unit_map = unit_map_of(model, tokenizer, config, config.alignment_fractions)
+        with timed(config, "2 align", "saving and figures", "unit map figure"):
+            unit_map.plot(stage_dir / "unitmap_base.png")
         return unit_map
 
     unit_map = cached_artifact(stage_dir / "unitmap_base.safetensors", base_map, UnitMap.load)
@@ -102,15 +111,16 @@ def stage_align(config: DemoConfig, load_base: ModelLoader) -> dict[str, dict[st
 
         def compute(method: Method = method, run_dir: Path = run_dir) -> dict[str, Any]:
             log(f"stage 2/5: aligning with {method.name} ({config.align_steps} steps)")
-            model, tokenizer = load_base()
+            model, tokenizer = loaded(config, "2 align", "base model", load_base)
             learning_rate = config.align_learning_rates[method.learning_rate_key]
             model, info = finetune(
                 model, tokenizer, records, method, config.align_steps, learning_rate, config, run_dir, unit_map
             )
             if method.name == config.aligned_method:
-                model = merged_model(model)
-                model.save_pretrained(stage_dir / "aligned_model")
-                tokenizer.save_pretrained(stage_dir / "aligned_model")
+                with timed(config, "2 align", "saving and figures", "merged aligned model"):
+                    model = merged_model(model)
+                    model.save_pretrained(stage_dir / "aligned_model")
+                    tokenizer.save_pretrained(stage_dir / "aligned_model")
             return {**info, **evaluate_model(model, tokenizer, config)}
 
         results[method.name] = cached_result(run_dir / "result.json", compute)
@@ -155,28 +165,40 @@ def stage_units(config: DemoConfig, load_base: ModelLoader) -> UnitsStage:
     size, probe whether harmful queries lean to refusal or compliance in the base and the aligned model, and
     measure how stable the unit sets are (calibration halves, another scorer)."""
     stage_dir = config.run_dir / "units"
+    scored: dict[str, Any] = {}
+
+    def scored_maps() -> dict[str, Any]:
+        """The aligned model's map, its two calibration halves' maps and its Wanda map, from one scoring pass
+        (:func:`.measures.unit_maps_in_one_pass`); computed once, for whichever of the map and the stability
+        table is not cached yet."""
+        if not scored:
+            log("stage 3/5: scoring the aligned model (two calibration halves in one pass; variance and wanda)")
+            model, tokenizer = loaded(config, "3 units", "aligned model", lambda: load_aligned(config))
+            with timed(config, "3 units", "scoring passes", "aligned model: both halves, variance and wanda"):
+                scored.update(unit_maps_in_one_pass(model, tokenizer, config, config.unit_fractions, rivals=("wanda",)))
+        return scored
 
     def aligned_map() -> UnitMap:
-        log("stage 3/5: scoring the aligned model")
-        model, tokenizer = load_aligned(config)
-        unit_map = unit_map_of(model, tokenizer, config, config.unit_fractions)
-        unit_map.plot(stage_dir / "unitmap_aligned.png")
+        unit_map = scored_maps()["full"]
+        with timed(config, "3 units", "saving and figures", "unit map figure"):
+            unit_map.plot(stage_dir / "unitmap_aligned.png")
         return unit_map
 
     unit_map = cached_artifact(stage_dir / "unitmap_aligned.safetensors", aligned_map, UnitMap.load)
 
     def ablation() -> AblationTable:
         log("stage 3/5: ablating the SCU and a random control of the same size")
-        model, tokenizer = load_aligned(config)
-        table = ablation_table(
-            model,
-            tokenizer,
-            unit_map,
-            types=("SCU",),
-            limit=config.harmful_prompts,
-            settings=generation_settings(config),
-            seed=config.seed,
-        )
+        model, tokenizer = loaded(config, "3 units", "aligned model", lambda: load_aligned(config))
+        with timed(config, "3 units", "SCU ablation", "intact, SCU, random"):
+            table = ablation_table(
+                model,
+                tokenizer,
+                unit_map,
+                types=("SCU",),
+                limit=config.harmful_prompts,
+                settings=generation_settings(config),
+                seed=config.seed,
+            )
         plot_ablation(table, stage_dir / "ablation.png")
         return table
 
@@ -186,20 +208,20 @@ def stage_units(config: DemoConfig, load_base: ModelLoader) -> UnitsStage:
 
         def probe(name: str = name, loader: ModelLoader = loader) -> ProbeResult:
             log(f"stage 3/5: probing the refusal direction of the {name} model")
-            model, tokenizer = loader()
+            model, tokenizer = loaded(config, "3 units", f"{name} model", loader)
             prompts = [r["prompt"] for r in spread(load_builtin("harmful_eval"), config.probe_prompts)]
-            result = probe_reasoning_direction(model, tokenizer, prompts, show_progress=config.show_progress)
+            with timed(config, "3 units", "refusal probes", f"{name} model"):
+                result = probe_reasoning_direction(model, tokenizer, prompts, show_progress=config.show_progress)
             plot_probe(result, stage_dir / f"probe_{name}.png")
             return result
 
         probes[name] = cached_artifact(stage_dir / f"probe_{name}.json", probe, ProbeResult.load)
 
     def stability() -> StabilityTable:
-        log("stage 3/5: scoring the aligned model on two calibration halves and with wanda (stability)")
-        model, tokenizer = load_aligned(config)
+        maps = scored_maps()
 
         def score(method: str, half: Optional[int]) -> UnitMap:
-            return unit_map_of(model, tokenizer, config, config.unit_fractions, method=method, half=half)
+            return maps["halves"][half] if half is not None else maps[method]
 
         return stability_table(score, unit_map)
 
@@ -221,7 +243,7 @@ def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, A
                 data: str = data, method: Method = method, key: str = key, run_dir: Path = run_dir, steps: int = steps
             ) -> dict[str, Any]:
                 log(f"stage 4/5: attack on {data} with {method.name} ({steps} steps)")
-                model, tokenizer = load_aligned(config)
+                model, tokenizer = loaded(config, "4 attack", "aligned model", lambda: load_aligned(config))
                 learning_rate = config.attack_learning_rates[method.learning_rate_key]
                 records = attack_records(data, config)
                 model, info = finetune(
@@ -241,9 +263,12 @@ def migration_after(
 ) -> str:
     """Score an attacked model like the aligned one (same data and proportions), save its unit map and the
     migration figure into ``run_dir``; returns the migration as a text table."""
-    log(f"stage 4/5: scoring {run_dir.parent.name}/{run_dir.name} for the migration of unit types")
-    after = unit_map_of(merged_model(model), tokenizer, config, config.unit_fractions)
-    after.save(run_dir / "unitmap.safetensors")
-    migration = before.migration(after)
-    plot_migration(migration, run_dir / "migration.png", title=f"after {run_dir.name} on {run_dir.parent.name}")
+    key = f"{run_dir.parent.name}/{run_dir.name}"
+    log(f"stage 4/5: scoring {key} for the migration of unit types")
+    with timed(config, "4 attack", "scoring passes", f"{key} (migration)"):
+        after = unit_map_of(merged_model(model), tokenizer, config, config.unit_fractions)
+    with timed(config, "4 attack", "saving and figures", f"{key} migration"):
+        after.save(run_dir / "unitmap.safetensors")
+        migration = before.migration(after)
+        plot_migration(migration, run_dir / "migration.png", title=f"after {run_dir.name} on {run_dir.parent.name}")
     return migration.table()
