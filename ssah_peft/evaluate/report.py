@@ -45,6 +45,7 @@ from typing import Any, Union
 
 import torch
 
+from .._files import write_atomic
 from .._version import __version__
 
 REPORT_SCHEMA = "ssah-peft/eval-report/v1"
@@ -94,12 +95,10 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 
 
 def write_generations(path: Union[str, Path], records: Iterable[Mapping[str, Any]]) -> Path:
-    """Write generation records to ``path`` as JSON lines (``generations.jsonl``, one object per response, UTF-8);
-    returns the path."""
+    """Write generation records to ``path`` as JSON lines (``generations.jsonl``, one object per response, UTF-8),
+    atomically (a reader never sees half a file); returns the path."""
     path = Path(path)
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8"))
     return path
 
 

@@ -20,9 +20,10 @@ from typing import Any, Optional
 
 import torch
 
-from .._files import read_json, write_atomic, write_json
+from .._files import read_json, write_json
 from ..chat import NO_TEMPLATE_ADVICE
 from ..data import BUILTIN_DATASETS, load_builtin
+from ..evaluate import write_generations
 from ..experiments.data import spread
 from ..experiments.finetuning import sft_dataset
 from ..unit_map import UnitMap
@@ -215,8 +216,7 @@ class FinetuneJob:
             show_progress=o.show_progress,
         )
         if int(os.environ.get("RANK", "0")) == 0:
-            lines = "".join(_json_line(g) for g in generations)
-            write_atomic(o.out / f"generations_{stage}.jsonl", lines.encode("utf-8"))
+            write_generations(o.out / f"generations_{stage}.jsonl", generations)
             write_json(path, result)
         return result
 
@@ -316,9 +316,3 @@ def _file_sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _json_line(record: Any) -> str:
-    import json
-
-    return json.dumps(record, ensure_ascii=False) + "\n"
