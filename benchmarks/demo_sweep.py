@@ -10,8 +10,13 @@ given, so the demo's learning rates, steps and aligned base were chosen with thi
     python benchmarks/demo_sweep.py attack --out runs/sweep --base runs/demo/align/aligned_model \\
         --data task full:1e-5 lora:2e-4 ssah_protect_top_cu:2e-4
 
+    # the alignment budget's controls (issue 17): RU vs random units of RU's counts vs the lowest-Wanda 20%
+    python benchmarks/demo_sweep.py align --out runs/sweep --seeds 0,1,2 \\
+        ssah_select:6e-4 ssah_select_random:6e-4 select_lowest_wanda:6e-4
+
 A run is ``METHOD:LR`` with an optional ``:STEPS``; METHOD is a name of the method table
-(``ssah_peft.experiments.METHODS``). ``--seeds 0,1,2`` repeats every run at those training seeds
+(``ssah_peft.experiments.METHODS``); the unit map of the scorer it chooses with is scored once per stage and
+cached. ``--seeds 0,1,2`` repeats every run at those training seeds
 (data order and adapter init; the unit map does not depend on them) and adds a mean ± sd table; seed 0 is the
 demo's own. ``--save-merged`` keeps an alignment run's merged model as a base for attack sweeps. The table printed
 at the end is the demo report's.
@@ -23,6 +28,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,12 +108,8 @@ def main() -> int:
         def load_model():
             return load(config.model, dtype=torch.float32)
 
-        unit_map = cached_artifact(
-            args.out / "align" / "unitmap_base.safetensors",
-            lambda: unit_map_of(*load_model(), config, config.alignment_fractions),
-            UnitMap.load,
-        )
-        records, stage_dir = alignment_records(config), args.out / "align"
+        fractions, stage_dir = config.alignment_fractions, args.out / "align"
+        records = alignment_records(config)
     else:
         if args.base is None:
             parser.error("attack needs --base")
@@ -117,13 +119,27 @@ def main() -> int:
                 args.base
             )
 
-        stage_dir = args.out / "attack" / args.base.name
-        unit_map = cached_artifact(
-            stage_dir / "unitmap.safetensors",
-            lambda: unit_map_of(*load_model(), config, config.unit_fractions),
-            UnitMap.load,
-        )
-        records, stage_dir = attack_records(args.data, config), stage_dir / args.data
+        fractions, stage_dir = config.unit_fractions, args.out / "attack" / args.base.name
+        records = attack_records(args.data, config)
+    maps_dir, map_name = stage_dir, "unitmap_base" if args.stage == "align" else "unitmap"
+    unit_maps: dict[str, UnitMap] = {}
+
+    def unit_map_for(method: Method) -> Optional[UnitMap]:
+        """The map by the scorer ``method`` chooses with, of the model the stage trains: scored once, cached."""
+        if method.units is None:
+            return None
+        scorer = method.units.scorer
+        if scorer not in unit_maps:
+            suffix = "" if scorer == "variance" else f"_{scorer}"
+            unit_maps[scorer] = cached_artifact(
+                maps_dir / f"{map_name}{suffix}.safetensors",
+                lambda: unit_map_of(*load_model(), config, fractions, method=scorer),
+                UnitMap.load,
+            )
+        return unit_maps[scorer]
+
+    if args.stage == "attack":
+        stage_dir = stage_dir / args.data
 
     rows, by_run = [], {}
     for seed in args.seeds:
@@ -135,6 +151,7 @@ def main() -> int:
 
             def compute(method=method, lr=lr, steps=steps, run_dir=run_dir, seeded=seeded):
                 print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
+                unit_map = unit_map_for(method)
                 model, tokenizer = load_model()
                 model, info = finetune(model, tokenizer, records, method, steps, lr, seeded, run_dir, unit_map)
                 if args.save_merged:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import replace
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from conftest import tiny_chat_llama, tiny_tokenizer
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ssah_peft import UnitMap
 from ssah_peft.evaluate import format_rate
@@ -23,6 +25,10 @@ from ssah_peft.experiments import (
     spread,
     utility_split,
 )
+from ssah_peft.experiments.frontier import FrontierRun
+from ssah_peft.experiments.report import frontier_points_of
+from ssah_peft.experiments.stages import attack_result
+from ssah_peft.unit_map import unit_widths
 
 
 def tiny_loader(calls: list):
@@ -263,3 +269,58 @@ def test_the_response_only_loss_equals_the_models_own_loss_and_gradients():
     torch.testing.assert_close(loss, reference)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(mine[name], parameter.grad, msg=name)
+
+
+def test_report_draws_the_demo_runs_as_a_protection_frontier(demo_run):
+    config, report, _ = demo_run
+    assert "## Protection frontier" in report.read_text()
+    assert (config.run_dir / "attack" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    attack = {
+        f"{data}/{m.name}": json.loads((config.run_dir / "attack" / data / m.name / "result.json").read_text())
+        for data in ATTACK_SETS
+        for m in ATTACK_METHODS
+    }
+    unit_map = UnitMap.load(config.run_dir / "units" / "unitmap_aligned.safetensors")
+    total = sum(map(sum, unit_widths(unit_map).values()))
+    points = frontier_points_of(attack, total)
+    assert len(points) == len(attack)
+    controls = {m.name for m in RANDOM_CONTROLS.values()}
+    for point, result in zip(points, attack.values()):
+        frozen = sum(n for blocks in result.get("unit_counts", {}).values() for n in blocks.values())
+        assert (point.panel, point.asr, point.accuracy) == (
+            result["data"],
+            result["metrics"]["asr"],
+            result["metrics"]["task_accuracy"],
+        )
+        assert point.asr_range[0] <= point.asr <= point.asr_range[1]
+        expected_group = "random units" if result["method"] in controls else "SSAH protect" if frozen else None
+        assert point.group == (expected_group or result["method"])
+        assert point.label == (f"{frozen / total:.1%}" if frozen else "")
+
+
+def test_frontier_runs_train_what_their_setting_says_on_the_demos_aligned_model(demo_run, tmp_path):
+    """One protect, one dense and one random frontier run of the sweep, through the demo's own attack run."""
+    config, _, _ = demo_run
+    unit_map = UnitMap.load(config.run_dir / "units" / "unitmap_aligned.safetensors")
+    widths = unit_widths(unit_map)
+    total = sum(map(sum, widths.values()))
+
+    def load():
+        path = config.run_dir / "align" / "aligned_model"
+        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+    frozen = {}
+    for setting, chooser in (("protect", "ssah"), ("protect", "random"), ("dense", "ssah")):
+        run = FrontierRun("task", setting, chooser, 0.4, seed=1)
+        result = attack_result(replace(config, seed=1), load, run.attack, run.method(), unit_map, run.run_dir(tmp_path))
+        assert result["method"] == run.name and (tmp_path / "task" / "seed1" / run.name / "result.json").is_file()
+        counts = {
+            (int(layer), kind): n for layer, blocks in result["unit_counts"].items() for kind, n in blocks.items()
+        }
+        frozen[(setting, chooser)] = counts
+        chosen = math.floor(0.4 * total + 0.5)  # budgets round half up
+        assert sum(counts.values()) == (chosen if setting == "protect" else total - chosen)
+    # random freezes SSAH's counts per layer and kind; dense trains exactly the units protect freezes, complemented
+    assert frozen[("protect", "random")] == frozen[("protect", "ssah")]
+    for (layer, kind), n in frozen[("protect", "ssah")].items():
+        assert frozen[("dense", "ssah")][(layer, kind)] == widths[kind][layer] - n

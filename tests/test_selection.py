@@ -192,6 +192,16 @@ def test_demo_controls_and_budget_selectors_come_from_the_method_table(setup):
         method_named("ssah_protect_top_cu").units_of(maps["wanda"])
 
 
+def test_lowest_wanda_alignment_trains_the_smallest_wanda_units_of_the_ru_budget(setup):
+    wanda = setup[4]["wanda"]
+    units = method_named("select_lowest_wanda").units_of(wanda)
+    total = sum(map(sum, unit_widths(wanda).values()))
+    budget = sum(counts_per_block(wanda.units_of("RU")).values()) / total
+    assert units == choose_units(wanda, budget, "select")
+    with pytest.raises(ValueError, match="from a wanda map, got a variance map"):
+        method_named("select_lowest_wanda").units_of(setup[4]["variance"])
+
+
 def test_stability_compares_disjoint_halves_and_scorers_on_a_tiny_model(setup, tmp_path):
     model, tokenizer, _, _, _ = setup
     config = DemoConfig.quick(tmp_path, calibration_pairs=6, max_length=320, show_progress=False)

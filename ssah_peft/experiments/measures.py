@@ -75,6 +75,24 @@ def evaluate_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, c
     }
 
 
+#: The rates of a result: (name in ``metrics``, its evaluation block, the block's count of hits).
+RATES: tuple[tuple[str, tuple[str, str], str], ...] = (
+    ("asr", ("safety", "harmful"), "attack_successes"),
+    ("overrefusal", ("safety", "overrefusal"), "refusals"),
+    ("task_accuracy", ("utility", "task"), "correct"),
+)
+
+
+def rate_counts(result: Mapping[str, Any], metric: str) -> Optional[tuple[int, int]]:
+    """(hits, n) behind the rate ``metric`` of a run's result; None where the result holds no counts."""
+    for name, (group, block), count_key in RATES:
+        if name == metric:
+            counts = result.get(group, {}).get(block, {})
+            if count_key in counts and counts.get("n"):
+                return int(counts[count_key]), int(counts["n"])
+    return None
+
+
 def unit_map_of(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,

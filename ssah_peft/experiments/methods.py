@@ -8,9 +8,10 @@ LoRA, protect and select configs with the same adapter builders. A method's name
 directory and its row in a report; no code reads anything out of the name.
 
 Adding a method takes a selector and one line. Selectors are made by :func:`budget_selector` (a share of the units
-to protect or to train, by :func:`ssah_peft.unit_map.choose_units`'s rules, from the map of any scorer) or by
+to protect or to train, by :func:`ssah_peft.unit_map.choose_units`'s rules, from the map of any scorer), by
 :func:`random_like` (random units with exactly the per-layer and per-kind counts of another selector, the
-control of issue 17); :data:`RANDOM_CONTROLS` pairs each SSAH method with its control.
+control of issue 17) or by :func:`complement_of` (every unit but another selector's); :data:`RANDOM_CONTROLS`
+pairs each SSAH method with its control.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ..unit_map import (
     UnitMap,
     UnitsDict,
     choose_units,
+    complement_units,
     random_units_with_counts,
     unit_widths,
 )
@@ -106,6 +108,16 @@ def random_like(selector: UnitSelector, seed: int = 0) -> UnitSelector:
     return UnitSelector(f"random, as {selector.name} (seed {seed})", choose, selector.scorer)
 
 
+def complement_of(selector: UnitSelector) -> UnitSelector:
+    """Every unit but ``selector``'s: trained in select mode, it is dense fine-tuning of all output-projection units
+    with ``selector``'s frozen, the paper's own protection (it froze units inside full fine-tuning, Sec. 5.2)."""
+
+    def choose(unit_map: UnitMap) -> UnitsDict:
+        return complement_units(selector(unit_map), unit_widths(unit_map))
+
+    return UnitSelector(f"all but {selector.name}", choose, selector.scorer)
+
+
 def _redundant(unit_map: UnitMap) -> UnitsDict:
     return unit_map.config_units("select")
 
@@ -120,6 +132,9 @@ def _safety_and_all_composite(unit_map: UnitMap) -> UnitsDict:
 
 #: The redundant units (RU): the paper's alignment budget.
 REDUNDANT = UnitSelector("RU", _redundant)
+#: The "RU" of a Wanda map: as many units as the map's RU, those of the smallest Wanda scores I_S + I_U (the rule
+#: that defines the RU, :func:`ssah_peft.unit_map.choose_units`), the rival scorer's alignment budget.
+LOWEST_WANDA = UnitSelector("lowest Wanda", _redundant, scorer="wanda")
 #: The safety-critical units plus the map's most safety-leaning composite units (``composite_fraction``).
 SAFETY_AND_TOP_COMPOSITE = UnitSelector("SCU + top CU", _safety_and_top_composite)
 #: The safety-critical and all composite units.
@@ -183,6 +198,8 @@ SSAH_PROTECT_TOP_CU = ssah_protect("ssah_protect_top_cu", SAFETY_AND_TOP_COMPOSI
 SSAH_PROTECT_ALL_CU = ssah_protect("ssah_protect_all_cu", SAFETY_AND_ALL_COMPOSITE)
 # Controls: random units of exactly the per-layer and per-kind counts of the SSAH method's units, same training.
 SSAH_SELECT_RANDOM = ssah_select("ssah_select_random", random_like(REDUNDANT))
+# The rival scorer's choice of the same budget (issue 17), not a demo stage: benchmarks/demo_sweep.py aligns with it.
+SELECT_LOWEST_WANDA = ssah_select("select_lowest_wanda", LOWEST_WANDA)
 SSAH_PROTECT_TOP_CU_RANDOM = ssah_protect("ssah_protect_top_cu_random", random_like(SAFETY_AND_TOP_COMPOSITE))
 SSAH_PROTECT_ALL_CU_RANDOM = ssah_protect("ssah_protect_all_cu_random", random_like(SAFETY_AND_ALL_COMPOSITE))
 
@@ -203,6 +220,7 @@ METHODS: dict[str, Method] = {
         SSAH_PROTECT_TOP_CU,
         SSAH_PROTECT_ALL_CU,
         *RANDOM_CONTROLS.values(),
+        SELECT_LOWEST_WANDA,
     )
 }
 

@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..evaluate import format_rate, wilson_interval
+from ..unit_map import unit_widths
 from .config import DemoConfig
+from .frontier import FrontierPoint, plot_frontier
+from .measures import RATES, rate_counts
+from .methods import RANDOM_CONTROLS
 from .stages import UnitsStage
 from .timing import time_breakdown, time_table
 
@@ -33,24 +37,6 @@ def stored_size(num_bytes: int) -> str:
     if not num_bytes:
         return "–"
     return f"{num_bytes / 2**20:.1f} MiB" if num_bytes >= 2**20 else f"{num_bytes / 1024:.1f} KiB"
-
-
-#: The rates of a result: (name in ``metrics``, its evaluation block, the block's count of hits).
-RATES: tuple[tuple[str, tuple[str, str], str], ...] = (
-    ("asr", ("safety", "harmful"), "attack_successes"),
-    ("overrefusal", ("safety", "overrefusal"), "refusals"),
-    ("task_accuracy", ("utility", "task"), "correct"),
-)
-
-
-def rate_counts(result: Results, metric: str) -> Optional[tuple[int, int]]:
-    """(hits, n) behind the rate ``metric`` of a run's result; None where the result holds no counts."""
-    for name, (group, block), count_key in RATES:
-        if name == metric:
-            counts = result.get(group, {}).get(block, {})
-            if count_key in counts and counts.get("n"):
-                return int(counts[count_key]), int(counts["n"])
-    return None
 
 
 def rate_cell(result: Results, metric: str) -> str:
@@ -193,6 +179,39 @@ def _migrations(attack: Mapping[str, Results]) -> list[str]:
     return lines
 
 
+def frontier_points_of(attack: Mapping[str, Results], total_units: int) -> list[FrontierPoint]:
+    """The demo's attack runs as points of a protection frontier (:mod:`.frontier`): task accuracy and ASR after
+    the attack with their Wilson intervals, SSAH's protect runs and their random controls labelled with the share
+    of units they froze."""
+    controls = {method.name for method in RANDOM_CONTROLS.values()}
+    points = []
+    for result in attack.values():
+        name = result["method"]
+        frozen = sum(n for blocks in result.get("unit_counts", {}).values() for n in blocks.values())
+        group = "random units" if name in controls else "SSAH protect" if frozen else name
+        label = f"{frozen / total_units:.1%}" if frozen else ""
+        intervals = rate_intervals(result)
+        accuracy, asr = result["metrics"]["task_accuracy"], result["metrics"]["asr"]
+        accuracy_range = tuple(intervals.get("task_accuracy", (accuracy, accuracy)))
+        asr_range = tuple(intervals.get("asr", (asr, asr)))
+        points.append(FrontierPoint(result["data"], group, label, accuracy, asr, accuracy_range, asr_range))
+    return points
+
+
+def _frontier() -> list[str]:
+    return [
+        "## Protection frontier",
+        "",
+        "ASR after each attack against task accuracy after it (95% Wilson intervals as bars), labelled with the "
+        "share of units frozen: better is down and to the right. SSAH's units and random units of the same per-layer "
+        "counts at each share; `benchmarks/frontier.py` sweeps more budgets, the rival scorers and seeds "
+        "(`benchmarks/results/frontier/`).",
+        "",
+        "![protection frontier](attack/frontier.png)",
+        "",
+    ]
+
+
 def _time(config: DemoConfig, results: DemoResults) -> list[str]:
     """Seconds per kind of work and stage (:func:`.timing.time_breakdown`)."""
     table, wall = results.time_breakdown(config)
@@ -269,6 +288,7 @@ def demo_report(config: DemoConfig, results: DemoResults, command: str) -> str:
         _introduction(config, command),
         _results_table(results.baseline, results.align, results.attack),
         _figures(),
+        _frontier(),
         _units(config, results.units),
         _stability(results.units),
         _probes(results.units),
@@ -282,6 +302,10 @@ def demo_report(config: DemoConfig, results: DemoResults, command: str) -> str:
 def write_demo_report(config: DemoConfig, results: DemoResults, command: str) -> Path:
     """Write ``report.md`` (table, figures, unit counts, command line) and ``results.json`` into the run dir;
     returns the path of ``report.md``."""
+    total_units = sum(sum(widths) for widths in unit_widths(results.units.unit_map).values())
+    plot_frontier(
+        frontier_points_of(results.attack, total_units), config.run_dir / "attack" / "frontier.png", title="attack:"
+    )
     path = config.run_dir / "report.md"
     path.write_text(demo_report(config, results, command), encoding="utf-8")
     (config.run_dir / "results.json").write_text(json.dumps(results.to_json(config), indent=2) + "\n", encoding="utf-8")

@@ -237,25 +237,46 @@ def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, A
         for method in ATTACK_METHODS:
             key = f"{data}/{method.name}"
             run_dir = config.run_dir / "attack" / data / method.name
-            steps = config.attack_steps * (config.protect_epoch_factor if method.freezes_units else 1)
-
-            def compute(
-                data: str = data, method: Method = method, key: str = key, run_dir: Path = run_dir, steps: int = steps
-            ) -> dict[str, Any]:
-                log(f"stage 4/5: attack on {data} with {method.name} ({steps} steps)")
-                model, tokenizer = loaded(config, "4 attack", "aligned model", lambda: load_aligned(config))
-                learning_rate = config.attack_learning_rates[method.learning_rate_key]
-                records = attack_records(data, config)
-                model, info = finetune(
-                    model, tokenizer, records, method, steps, learning_rate, config, run_dir, unit_map
-                )
-                result = {"data": data, **info, **evaluate_model(model, tokenizer, config)}
-                if key in config.migration_runs:
-                    result["migration"] = migration_after(model, tokenizer, unit_map, config, run_dir)
-                return result
-
-            results[key] = cached_result(run_dir / "result.json", compute)
+            results[key] = attack_result(
+                config,
+                lambda: load_aligned(config),
+                data,
+                method,
+                unit_map,
+                run_dir,
+                migration=key in config.migration_runs,
+            )
     return results
+
+
+def attack_result(
+    config: DemoConfig,
+    load_aligned_model: ModelLoader,
+    data: str,
+    method: Method,
+    unit_map: Optional[UnitMap],
+    run_dir: Path,
+    *,
+    migration: bool = False,
+) -> dict[str, Any]:
+    """One attack run, cached in ``run_dir``: ``method`` (its units chosen from ``unit_map``) fine-tunes a fresh
+    copy of the aligned model (``load_aligned_model``) on the attack set ``data`` at the attack learning rate of its
+    key, then is evaluated; ``migration`` scores the attacked model again (:func:`migration_after`). The demo's
+    stage 4 and ``benchmarks/frontier.py`` run every attack through here."""
+    steps = config.attack_steps * (config.protect_epoch_factor if method.freezes_units else 1)
+
+    def compute() -> dict[str, Any]:
+        log(f"stage 4/5: attack on {data} with {method.name} ({steps} steps, seed {config.seed})")
+        model, tokenizer = loaded(config, "4 attack", "aligned model", load_aligned_model)
+        learning_rate = config.attack_learning_rates[method.learning_rate_key]
+        records = attack_records(data, config)
+        model, info = finetune(model, tokenizer, records, method, steps, learning_rate, config, run_dir, unit_map)
+        result = {"data": data, **info, **evaluate_model(model, tokenizer, config)}
+        if migration and unit_map is not None:
+            result["migration"] = migration_after(model, tokenizer, unit_map, config, run_dir)
+        return result
+
+    return cached_result(run_dir / "result.json", compute)
 
 
 def migration_after(

@@ -118,6 +118,24 @@ def random_units_with_counts(units: UnitSet, widths: Widths, seed: int = 0, *, e
     return control
 
 
+def complement_units(units: UnitSet, widths: Widths) -> UnitsDict:
+    """Every unit of the model NOT in ``units`` (``widths`` as :func:`unit_widths`), every layer and kind listed:
+    what trains when ``units`` are frozen inside dense fine-tuning (the paper's own protection, Sec. 5.2)."""
+    given = union_units(units)
+    for layer, blocks in given.items():
+        for kind, indices in blocks.items():
+            width = _width(widths, kind, int(layer))
+            if indices and not 0 <= indices[0] <= indices[-1] < width:
+                raise ValueError(f"Layer {layer} {kind}: units {indices[0]}..{indices[-1]} outside width {width}")
+    complement: UnitsDict = {}
+    for kind, layer_widths in widths.items():
+        for layer, width in enumerate(layer_widths):
+            free = torch.ones(int(width), dtype=torch.bool)
+            free[given.get(str(layer), {}).get(kind, [])] = False
+            complement.setdefault(str(layer), {})[kind] = torch.nonzero(free).flatten().tolist()
+    return complement
+
+
 def counts_per_block(units: UnitSet) -> dict[tuple[int, str], int]:
     """The number of units per ``(layer, kind)`` of a unit set: what a random control must match."""
     return {(int(layer), kind): len(indices) for layer, blocks in units.items() for kind, indices in blocks.items()}

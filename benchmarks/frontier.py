@@ -1,0 +1,166 @@
+"""The protection frontier (issue 17): do SSAH's units protect better than as many other units?
+
+Attacks the demo's aligned model (``make demo`` makes it: ``runs/demo/align/aligned_model`` and its unit map
+``runs/demo/units/unitmap_aligned.safetensors``) with the demo's two benign fine-tuning attacks, freezing a budget of
+units chosen by SSAH, by the rival scorers Wanda and SNIP, and at random with SSAH's per-layer counts; in protect
+mode (a LoRA-like update) and densely (select mode on every other unit, the paper's setting); full fine-tuning and
+LoRA are the reference points. Every run is the demo's stage-4 run (``ssah_peft.experiments.frontier``)::
+
+    python benchmarks/frontier.py                      # the whole sweep: 5 budgets x 3 seeds x 2 attacks
+    python benchmarks/frontier.py --seeds 0 --attacks task --budgets 0.075,0.72   # a slice
+    python benchmarks/frontier.py --report-only        # tables and figure from the runs computed so far
+
+Resumable: each run's result is cached under ``--out`` (``<attack>/seed<s>/<run>/result.json``), so an interrupted
+sweep goes on where it stopped; runs are ordered seed by seed. After every run the results are rewritten into
+``--results``: ``results.csv`` (one row per run), ``summary.md`` (mean ± sd over seeds, pooled 95% Wilson intervals,
+paired differences from random) and ``frontier.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ssah_peft.experiments import DemoConfig, cached_artifact, check_run_dir
+from ssah_peft.experiments.frontier import (
+    BUDGETS,
+    CHOOSERS,
+    SETTINGS,
+    FrontierRun,
+    frontier_markdown,
+    frontier_points,
+    frontier_row,
+    frontier_runs,
+    plot_frontier,
+    write_rows,
+)
+from ssah_peft.experiments.measures import unit_map_of
+from ssah_peft.experiments.stages import attack_result
+from ssah_peft.unit_map import UnitMap
+
+
+def comma_list(kind):
+    def parse(text: str):
+        return [kind(item) for item in text.split(",") if item]
+
+    return parse
+
+
+def write_results(runs: list[FrontierRun], results: dict[FrontierRun, dict], args, seconds: float) -> None:
+    """CSV, Markdown summary and figure of the runs computed so far."""
+    done = [run for run in runs if run in results]
+    if not done:
+        return
+    rows = [frontier_row(run, results[run]) for run in done]
+    write_rows(rows, args.results / "results.csv")
+    plot_frontier(frontier_points(rows), args.results / "frontier.png", title="attack:")
+    compute = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
+    aligned = json.loads((args.demo / "align" / "ssah_select" / "result.json").read_text(encoding="utf-8"))
+    lines = [
+        "# Protection frontier",
+        "",
+        f"Command: `{args.command}`",
+        "",
+        f"Runs: {len(done)} of {len(runs)}; training and evaluation of those runs: {compute / 60:.1f} min "
+        f"(this invocation: {seconds / 60:.1f} min wall, on {torch.get_num_threads()} threads).",
+        "",
+        "The aligned model before any attack (the demo's `ssah_select` alignment): "
+        f"ASR {aligned['metrics']['asr']:.3f}, task accuracy {aligned['metrics']['task_accuracy']:.3f}. "
+        "Each attack is the demo's stage-4 run (same data, "
+        "steps and learning rates; dense runs take full fine-tuning's). `frozen`: the share of all units frozen. "
+        "Choosers: `ssah` SCU then CU by I_S − I_U (variance scores); `wanda`/`snip` the rival scores' difference "
+        "I_S − I_U (Wei et al. 2024's safety attribution); `random` random units with SSAH's per-layer counts, "
+        "drawn anew for each seed. Settings: `protect` SSAH protect mode (rank-8 update, the units' slices held at "
+        "zero); `dense` every other unit trained densely (select mode on the complement). Training seed = row seed.",
+        "",
+        "![frontier](frontier.png)",
+        "",
+        *frontier_markdown(rows),
+        "",
+    ]
+    (args.results / "summary.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo run dir with the aligned model")
+    parser.add_argument("--out", type=Path, default=Path("runs/frontier"), help="run dir of the sweep (cached runs)")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/frontier"))
+    parser.add_argument("--budgets", type=comma_list(float), default=list(BUDGETS))
+    parser.add_argument("--choosers", type=comma_list(str), default=list(CHOOSERS))
+    parser.add_argument("--settings", type=comma_list(str), default=list(SETTINGS))
+    parser.add_argument("--attacks", type=comma_list(str), default=["task", "identity_shift"])
+    parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2])
+    parser.add_argument("--report-only", action="store_true", help="write the results of the cached runs only")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    args.command = shlex.join(["python", *sys.argv])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    unknown = sorted(set(args.choosers) - set(CHOOSERS)) + sorted(set(args.settings) - set(SETTINGS))
+    if unknown or not all(0 < b < 1 for b in args.budgets):
+        parser.error(f"unknown choosers/settings {unknown} or a budget outside (0, 1): {args.budgets}")
+    aligned_path = args.demo / "align" / "aligned_model"
+    variance_map = args.demo / "units" / "unitmap_aligned.safetensors"
+    missing = [p for p in (aligned_path / "config.json", variance_map) if not p.is_file()]
+    if missing:
+        parser.error(f"{', '.join(map(str, missing))} missing: run `make demo` first (stages 1-3 make them)")
+    config = DemoConfig.full(run_dir=args.out, show_progress=False)
+    demo_settings = json.loads((args.demo / "config.json").read_text(encoding="utf-8"))
+    if demo_settings != config.to_json():
+        parser.error(f"{args.demo} was made with other settings than DemoConfig.full(); use a default demo run")
+    check_run_dir(config)
+    runs = frontier_runs(args.budgets, args.choosers, args.settings, args.attacks, args.seeds)
+
+    def load_aligned():
+        return AutoModelForCausalLM.from_pretrained(aligned_path, dtype=torch.float32), AutoTokenizer.from_pretrained(
+            aligned_path
+        )
+
+    start = time.perf_counter()
+    results: dict[FrontierRun, dict] = {}
+    maps = {"variance": UnitMap.load(variance_map)}
+    for scorer in sorted({run.scorer for run in runs} - {None, "variance"}):
+        path = args.out / "maps" / f"unitmap_{scorer}.safetensors"
+        if args.report_only and not path.is_file():
+            continue
+        print(f"[frontier] {scorer} unit map of the aligned model", file=sys.stderr, flush=True)
+        maps[scorer] = cached_artifact(
+            path,
+            lambda scorer=scorer: unit_map_of(*load_aligned(), config, config.unit_fractions, method=scorer),
+            UnitMap.load,
+        )
+    for index, run in enumerate(runs, 1):
+        run_dir = run.run_dir(args.out / "runs")
+        if args.report_only:
+            if (run_dir / "result.json").is_file():
+                results[run] = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+            continue
+        cached = (run_dir / "result.json").is_file()
+        elapsed = time.perf_counter() - start
+        print(
+            f"[frontier] {index}/{len(runs)} {run.attack} seed {run.seed} {run.name} ({elapsed / 60:.1f} min)",
+            file=sys.stderr,
+            flush=True,
+        )
+        results[run] = attack_result(
+            replace(config, seed=run.seed), load_aligned, run.attack, run.method(), maps.get(run.scorer), run_dir
+        )
+        if not cached:
+            write_results(runs, results, args, time.perf_counter() - start)
+    write_results(runs, results, args, time.perf_counter() - start)
+    print(f"[frontier] {len(results)} of {len(runs)} runs; results in {args.results}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
