@@ -25,25 +25,46 @@ before any timing, so both runs read the same device tensors; every timed run st
 ``torch.cuda.synchronize()``, and peak memory is ``max_memory_allocated`` above the start of the run (exact, in
 any order). ``--size`` takes a shape of ``train_step.py`` (``1b``: Llama-3.2-1B widths) instead of the shape
 options. Under ``torchrun`` with CUDA each process uses the GPU of its LOCAL_RANK and NCCL.
+
+``--count-ops`` times nothing: it runs one ``score_units`` pass per method and counts, with a dispatch mode around
+the scorer's forward hooks (``accumulators._moment_hook``; ``snip`` is not counted), every aten operator the hooks
+run, those that make a GPU wait for the host to read a value back (``nonzero``, ``_local_scalar_dense`` i.e.
+``.item()``/``int()``/``bool()``, ``masked_select``, ``is_nonzero``, ``equal``, indexing with a boolean mask),
+the bytes they move (every tensor argument read in full, every output written; views move nothing) and the
+elements they materialize per dtype (outputs of operators that neither write in place nor return a view). These
+counts are the same on any machine and are what a GPU would launch, so they stand in for a GPU timing and compare
+across commits. Counted for the path this device runs and, forced, for the path every other device runs
+(``accumulators._batch_moments(..., one_read=True)``); one process only:
+
+    python benchmarks/scoring.py --count-ops --dtype bfloat16 --methods variance wanda
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from train_step import SIZES  # benchmarks/train_step.py
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ssah_peft import score_units
+from ssah_peft.scoring import accumulators
+
+SYNCHRONISING = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero", "aten::equal"}
 
 
 def random_batches(vocab: int, batch: int, seq: int, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -84,6 +105,92 @@ def peak_memory_above_start(work: Callable[[], object], device: str) -> int:
     return torch.cuda.max_memory_allocated() - start
 
 
+class HookOperators(TorchDispatchMode):
+    """The aten operators on tensors run while active: names, synchronising ones, bytes moved, elements made."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.operators: Counter[str] = Counter()
+        self.synchronising: Counter[str] = Counter()
+        self.bytes_moved = 0  # every tensor argument read in full, every output written (views: nothing)
+        self.elements: Counter[torch.dtype] = Counter()  # outputs of operators neither in place nor views
+        self.largest: Counter[torch.dtype] = Counter()  # the most elements of one such output, per dtype
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if not inputs and not outputs:
+            return out  # host-side only (promote_types): no kernel
+        name = func._schema.name
+        self.operators[name] += 1
+        if name in SYNCHRONISING or (name == "aten::index" and any(t.dtype == torch.bool for t in inputs[1:])):
+            self.synchronising[name] += 1
+        if not func.is_view:
+            self.bytes_moved += sum(t.nbytes for t in inputs + outputs)
+            if not func._schema.is_mutable:
+                for tensor in outputs:
+                    self.elements[tensor.dtype] += tensor.numel()
+                    self.largest[tensor.dtype] = max(self.largest[tensor.dtype], tensor.numel())
+        return out
+
+
+@contextlib.contextmanager
+def counting_hooks(counter: HookOperators) -> Iterator[None]:
+    """Make the scorer's moment hooks (registered from here on) run under ``counter``."""
+    make_hook = accumulators._moment_hook
+
+    def counted(*args: Any) -> Callable[..., None]:
+        hook = make_hook(*args)
+
+        def run(*hook_args: Any) -> None:
+            counter.calls += 1
+            with counter:
+                hook(*hook_args)
+
+        return run
+
+    with mock.patch.object(accumulators, "_moment_hook", counted):
+        yield
+
+
+def count_operators(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], methods: list[str]) -> list[str]:
+    """The table of ``--count-ops``: per method and moment path, what the hooks run in one scoring pass."""
+    batch_moments = accumulators._batch_moments
+    device = batches[0]["input_ids"].device.type
+    paths: dict[str, Callable[[], Any]] = {
+        f"{device} (as run here)": contextlib.nullcontext,
+        "one-read (GPU)": lambda: mock.patch.object(
+            accumulators, "_batch_moments", lambda x, one_read: batch_moments(x, one_read=True)
+        ),
+    }
+    lines = [
+        "| method | path | hook calls | aten ops per call | synchronising ops per pass | MiB moved per call | "
+        "elements made per call | operators per call |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for method in methods:
+        for path, patch in paths.items():
+            counter = HookOperators()
+            with patch(), counting_hooks(counter):
+                score_units(model, batches, method=method, show_progress_bar=False)
+            calls = counter.calls
+            elements = ", ".join(
+                f"{str(dtype).removeprefix('torch.')} {count / calls:.0f}" for dtype, count in counter.elements.items()
+            )
+            operators = ", ".join(
+                f"{name.removeprefix('aten::')} {count / calls:g}" for name, count in counter.operators.items()
+            )
+            lines.append(
+                f"| {method} | {path} | {calls} | {counter.operators.total() / calls:g} | "
+                f"{counter.synchronising.total()} | {counter.bytes_moved / calls / 2**20:.2f} | {elements} | "
+                f"{operators} |"
+            )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), help="a shape of train_step.py; overrides the shape options")
@@ -102,6 +209,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", type=Path, help="write the table and every sample as JSON here")
+    parser.add_argument("--count-ops", action="store_true", help="count what the hooks run instead of timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
@@ -113,6 +221,8 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if args.batches < world:
         parser.error(f"--batches {args.batches} cannot be shared by {world} processes")
+    if args.count_ops and world > 1:
+        parser.error("--count-ops counts one process: run it without torchrun")
     cuda = device.startswith("cuda")
 
     shape = dict(
@@ -131,6 +241,14 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype)).eval()
     all_batches = random_batches(config.vocab_size, args.batch, args.seq, args.batches)
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in all_batches[rank::world]]
+    if args.count_ops:
+        print(
+            f"llama hidden={config.hidden_size} intermediate={config.intermediate_size} "
+            f"layers={config.num_hidden_layers} {args.dtype}; {args.batches} batches of {args.batch}x{args.seq}; "
+            "one scoring pass per row"
+        )
+        print("\n".join(count_operators(model, batches, [m for m in args.methods if m != "snip"])))
+        return
 
     def plain_forward() -> None:
         with torch.no_grad():

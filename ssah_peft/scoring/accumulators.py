@@ -2,7 +2,7 @@
 
 A score needs a statistic of every unit's input over all calibration tokens, but the tokens arrive in batches, on
 several devices and possibly in several processes. This module keeps that bookkeeping apart from the pass itself:
-float64 moments (count, mean, M2) merged exactly with Chan et al.'s parallel formula (variance, wanda), SNIP's
+per-batch moments (count, mean, M2) merged into float64 with Chan et al.'s parallel formula (variance, wanda), SNIP's
 per-sequence saliency sums and the backward that feeds them, the hooks that feed both from a block's output
 projection, and the merge of every rank's state vectors. States are plain float64 vectors, so shards merge
 through files (:mod:`.partial_files`) exactly as ranks merge through ``torch.distributed``.
@@ -25,9 +25,12 @@ from ..units import ArchitectureSpec
 
 
 class BatchTokens:
-    """The tokens to score in the current batch, as flat indices into ``[batch * seq]`` on every device needed.
+    """The tokens to score in the current batch: their counts and which rows of a layer input they are.
 
-    For SNIP a scored token counts as a loss target, so the first position of a sequence never counts.
+    All of it is worked out on the host when the batch is set, before its forward: a mask on a GPU is read back
+    there, once per batch, so the hooks take no count or index from the device and never make it wait in the
+    middle of a forward. For SNIP a scored token counts as a loss target, so the first position of a sequence
+    never counts.
     """
 
     def __init__(self, targets_only: bool) -> None:
@@ -35,12 +38,13 @@ class BatchTokens:
         self.mask = torch.zeros(0, 0, dtype=torch.bool)
         self.num_tokens = 0
         self.num_sequences = 0
+        self._index: Optional[torch.Tensor] = None  # flat indices of the scored positions; None: all of them
         self._index_by_device: dict[torch.device, torch.Tensor] = {}
 
     def set(self, mask: torch.Tensor, batch_index: int) -> None:
         if mask.dim() != 2:
             raise ValueError(f"The token mask must be [batch, seq], got shape {tuple(mask.shape)}")
-        self.mask = mask.bool()
+        self.mask = mask.to("cpu", torch.bool)
         counted = self.mask[:, 1:] if self.targets_only else self.mask
         self.num_tokens = int(counted.sum())
         if self.num_tokens == 0:
@@ -50,26 +54,33 @@ class BatchTokens:
                 + ("; SNIP scores loss targets, never a sequence's first token)" if self.targets_only else ")")
             )
         self.num_sequences = int(counted.any(dim=1).sum())
+        self._index = None if bool(self.mask.all()) else self.mask.flatten().nonzero().flatten()
         self._index_by_device = {}
 
-    def index(self, device: torch.device) -> torch.Tensor:
-        if device not in self._index_by_device:
-            self._index_by_device[device] = self.mask.flatten().nonzero().flatten().to(device)
-        return self._index_by_device[device]
-
     def select(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The scored rows of a ``[batch, seq, width]`` layer input, as a new ``[tokens, width]`` tensor."""
+        """The scored rows of a ``[batch, seq, width]`` layer input as ``[tokens, width]``: a view of it when every
+        position is scored, else a gathered copy."""
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] != self.mask.numel():
             raise ValueError(
                 f"{name} received {flat.shape[0]} token positions but the token mask has {self.mask.numel()} "
                 f"(shape {tuple(self.mask.shape)}); prepare_model_inputs_fn must return a [batch, seq] mask"
             )
-        return flat.index_select(0, self.index(flat.device))
+        if self._index is None:
+            return flat
+        if flat.device not in self._index_by_device:
+            # from the host's memory to a device: queued, no wait for the device
+            self._index_by_device[flat.device] = self._index.to(flat.device, non_blocking=True)
+        return flat.index_select(0, self._index_by_device[flat.device])
 
 
 class Moments:
-    """Per-channel count, mean and M2 (sum of squared deviations) in float64, merged exactly (Chan et al.)."""
+    """Per-channel count, mean and M2 (sum of squared deviations), merged exactly (Chan et al.) in float64.
+
+    A batch's moments are computed in the model's precision, float32 at least (:func:`_batch_moments`); only
+    these width-sized vectors enter the float64 state. The state lives on the device of the first batch and is
+    updated in place, so a scoring pass copies nothing between devices and reads nothing back until :meth:`state`.
+    """
 
     def __init__(self, width: int) -> None:
         self.width = width
@@ -79,24 +90,22 @@ class Moments:
         self.m2: Optional[torch.Tensor] = None
 
     def add_tokens(self, x: torch.Tensor) -> None:
-        """Merge a ``[tokens, width]`` batch (a copy the caller gives up: it is modified in place)."""
-        x = x.double()
-        mean = x.mean(dim=0)
-        # two passes over the batch; several times faster on CPU than torch.var_mean's strided reduction
-        self._merge(x.shape[0], mean, x.sub_(mean).square_().sum(dim=0))
+        """Merge a ``[tokens, width]`` batch (left unmodified: it may be a view of the layer's input)."""
+        mean, m2 = _batch_moments(x, one_read=x.device.type != "cpu")
+        self._merge(x.shape[0], mean, m2)
 
     def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge ``count`` tokens of per-channel ``mean`` and ``m2`` (any float dtype, converted as they are read)."""
         if count == 0:
             return
-        if self.mean is None or self.m2 is None or self.num_tokens == 0:
-            self.num_tokens, self.mean, self.m2 = count, mean, m2
-            return
-        mean = mean.to(self.mean.device)
-        total = self.num_tokens + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2.to(self.m2.device) + delta.square() * (self.num_tokens * count / total)
-        self.num_tokens = total
+        if self.mean is None or self.m2 is None:
+            # merging into zeros is exact: delta is the batch's mean, and its weight count / total is 1
+            self.mean = torch.zeros(self.width, dtype=torch.float64, device=mean.device)
+            self.m2 = torch.zeros_like(self.mean)
+        previous, self.num_tokens = self.num_tokens, self.num_tokens + count
+        delta = mean.to(self.mean.device) - self.mean  # float64 by type promotion
+        self.mean.add_(delta, alpha=count / self.num_tokens)
+        self.m2.add_(m2.to(self.m2.device)).addcmul_(delta, delta, value=previous * count / self.num_tokens)
 
     def end_batch(self, tokens: BatchTokens) -> None:
         self.num_sequences += tokens.num_sequences  # tokens were counted when merged
@@ -165,6 +174,27 @@ Accumulator = Union[Moments, Saliency]
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half-precision models, the model's own precision above."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _batch_moments(x: torch.Tensor, one_read: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and M2 of a ``[tokens, width]`` batch, in :func:`_compute_dtype` of its dtype.
+
+    Both ways are centred, M2 being summed about the batch's own mean rather than taken as Σx² − N·mean², so a
+    channel whose mean dwarfs its spread keeps its variance. ``one_read`` (every device but the CPU): a sum and
+    Welford's variance, each a reduction that reads the batch once and converts as it reads (CUDA accumulates bf16
+    into float32 directly), so no copy of the batch is made and the pass stays a fraction of the forward's
+    memory traffic. The CPU's Welford over the token dimension is strided and several times slower than two
+    vectorized passes over a converted batch, which it does instead.
+    """
+    dtype = _compute_dtype(x.dtype)
+    count = x.shape[0]
+    if one_read:
+        mean = torch.sum(x, dim=0, dtype=dtype).div_(count)
+        # correction count - 1: var divides Welford's M2 by 1, i.e. returns M2; out= sets the dtype it accumulates in
+        return mean, torch.var(x, dim=0, correction=count - 1, out=torch.empty_like(mean))
+    x = x.to(dtype)
+    mean = x.mean(dim=0)
+    return mean, (x - mean).square_().sum(dim=0)
 
 
 class OutputProjection:

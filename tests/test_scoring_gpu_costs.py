@@ -1,0 +1,84 @@
+"""What the scorer's hooks cost a GPU, checked on the CPU: no host-device synchronisation, no float copy of a batch.
+
+A forward pre-hook on every output projection runs once per layer and batch, so anything it makes the device wait
+for, or any copy of the ``[tokens, width]`` activation it makes, is paid dozens of times per batch. The operators
+the hooks run are recorded with a dispatch mode: they are the same on any CPU and are what a GPU would launch. The
+path every device but the CPU takes (one read per reduction, :func:`_batch_moments` with ``one_read=True``) is
+forced here to check it, and its exactness, without a GPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_scoring import assert_scores_close, direct_scores, random_pairs, tiny_model, word_tokenizer
+
+from ssah_peft import build_calibration_batches, score_units
+from ssah_peft.scoring import accumulators
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from scoring import HookOperators, counting_hooks  # noqa: E402  (benchmarks/scoring.py: its --count-ops counter)
+
+
+def force_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch_moments = accumulators._batch_moments
+    monkeypatch.setattr(accumulators, "_batch_moments", lambda x, one_read: batch_moments(x, one_read=True))
+
+
+@pytest.fixture(scope="module")
+def batches() -> list[dict[str, torch.Tensor]]:
+    return build_calibration_batches(word_tokenizer(), random_pairs(11, seed=1), batch_size=4, padding_side="left")
+
+
+@pytest.mark.parametrize("one_read", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_batch_moments_are_centred(dtype, one_read):
+    # channels whose mean is 100 to 1000 times their spread: Σx² − N·mean² in float32 is off by up to 1% here
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([100.0, -300.0, 0.0, 1000.0])
+    x = (offsets + torch.randn(333, 4, generator=generator) * torch.tensor([1.0, 0.5, 1.0, 4.0])).to(dtype)
+    mean, m2 = accumulators._batch_moments(x, one_read=one_read)
+    assert mean.dtype == m2.dtype == torch.promote_types(dtype, torch.float32)
+    exact = x.double()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(mean.double(), exact.mean(dim=0), rtol=rtol, atol=0)
+    torch.testing.assert_close(m2.double(), (exact - exact.mean(dim=0)).square().sum(dim=0), rtol=rtol, atol=0)
+    single = accumulators._batch_moments(x[:1], one_read=one_read)
+    assert torch.equal(single[0], x[0].to(mean.dtype)) and not single[1].any()
+
+
+@pytest.mark.parametrize("one_read", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_both_paths_score_exactly_with_and_without_a_gather(monkeypatch, batches, dtype, one_read):
+    if one_read:
+        force_one_read(monkeypatch)
+    model = tiny_model("llama", dtype=dtype)
+    # every position scored (the hooks read the layer's input itself, which must stay as it is), and padded
+    # batches (a gathered copy)
+    unpadded = build_calibration_batches(word_tokenizer(), random_pairs(3, seed=2), batch_size=1, tokens="both")
+    assert all(b["score_mask"].all() for b in unpadded) and not all(b["score_mask"].all() for b in batches)
+    for data in (unpadded, batches, unpadded + batches):
+        for method in ("variance", "wanda"):
+            scores = score_units(model, data, method=method, show_progress_bar=False)
+            assert_scores_close(scores, direct_scores(model, data, method), rtol=1e-6)
+
+
+@pytest.mark.parametrize("one_read", [False, True])
+def test_hooks_never_wait_for_the_device_nor_copy_the_batch_to_float64(monkeypatch, batches, one_read):
+    if one_read:
+        force_one_read(monkeypatch)
+    counter = HookOperators()
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    with counting_hooks(counter):
+        score_units(model, batches, method="variance", show_progress_bar=False)
+    assert counter.calls and counter.operators.total(), "the hooks ran no operator"
+    assert not counter.synchronising
+    width = max(model.config.hidden_size, model.config.intermediate_size)  # the widest output projection input
+    assert counter.largest[torch.float64] <= width  # only width-sized float64 state
+    if one_read:  # the reductions read the bf16 batch as it is: no float copy of it at all
+        assert all(
+            n <= width for dtype, n in counter.largest.items() if dtype.is_floating_point and dtype != torch.bfloat16
+        )
