@@ -11,9 +11,10 @@ LoRA are the reference points. Every run is the demo's stage-4 run (``ssah_peft.
     python benchmarks/frontier.py --report-only        # tables and figure from the runs computed so far
 
 Resumable: each run's result is cached under ``--out`` (``<attack>/seed<s>/<run>/result.json``), so an interrupted
-sweep goes on where it stopped; runs are ordered seed by seed. After every run the results are rewritten into
-``--results``: ``results.csv`` (one row per run), ``summary.md`` (mean ± sd over seeds, pooled 95% Wilson intervals,
-paired differences from random) and ``frontier.png``.
+sweep goes on where it stopped; runs are ordered seed by seed, and a slice computes only its runs. After every
+run, the results of all runs of the whole sweep cached so far are rewritten into ``--results``: ``results.csv`` (one
+row per run), ``summary.md`` (mean ± sd over seeds, pooled 95% Wilson intervals, paired differences from random)
+and ``frontier.png``.
 """
 
 from __future__ import annotations
@@ -54,12 +55,23 @@ def comma_list(kind):
     return parse
 
 
-def write_results(runs: list[FrontierRun], results: dict[FrontierRun, dict], args, seconds: float) -> None:
-    """CSV, Markdown summary and figure of the runs computed so far."""
-    done = [run for run in runs if run in results]
-    if not done:
+def cached_results(root: Path, seeds: list[int]) -> dict[FrontierRun, dict]:
+    """The result of every run of the whole sweep at ``seeds`` (and 0, 1, 2) that is cached under ``root``: what the
+    tables show, whichever slice this invocation runs."""
+    results = {}
+    for run in frontier_runs(seeds=sorted({0, 1, 2, *seeds})):
+        path = run.run_dir(root) / "result.json"
+        if path.is_file():
+            results[run] = json.loads(path.read_text(encoding="utf-8"))
+    return results
+
+
+def write_results(args, seconds: float) -> None:
+    """CSV, Markdown summary and figure of every run computed so far (:func:`cached_results`)."""
+    results = cached_results(args.out / "runs", args.seeds)
+    if not results:
         return
-    rows = [frontier_row(run, results[run]) for run in done]
+    rows = [frontier_row(run, result) for run, result in results.items()]
     write_rows(rows, args.results / "results.csv")
     plot_frontier(frontier_points(rows), args.results / "frontier.png", title="attack:")
     compute = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
@@ -69,8 +81,8 @@ def write_results(runs: list[FrontierRun], results: dict[FrontierRun, dict], arg
         "",
         f"Command: `{args.command}`",
         "",
-        f"Runs: {len(done)} of {len(runs)}; training and evaluation of those runs: {compute / 60:.1f} min "
-        f"(this invocation: {seconds / 60:.1f} min wall, on {torch.get_num_threads()} threads).",
+        f"Runs: {len(rows)} of {len(frontier_runs())}; training and evaluation of those runs: {compute / 60:.1f} min "
+        f"(the last invocation: {seconds / 60:.1f} min wall, on {torch.get_num_threads()} threads).",
         "",
         "The aligned model before any attack (the demo's `ssah_select` alignment): "
         f"ASR {aligned['metrics']['asr']:.3f}, task accuracy {aligned['metrics']['task_accuracy']:.3f}. "
@@ -127,38 +139,33 @@ def main() -> int:
         )
 
     start = time.perf_counter()
-    results: dict[FrontierRun, dict] = {}
+    if args.report_only:
+        write_results(args, 0.0)
+        return 0
     maps = {"variance": UnitMap.load(variance_map)}
     for scorer in sorted({run.scorer for run in runs} - {None, "variance"}):
-        path = args.out / "maps" / f"unitmap_{scorer}.safetensors"
-        if args.report_only and not path.is_file():
-            continue
         print(f"[frontier] {scorer} unit map of the aligned model", file=sys.stderr, flush=True)
         maps[scorer] = cached_artifact(
-            path,
+            args.out / "maps" / f"unitmap_{scorer}.safetensors",
             lambda scorer=scorer: unit_map_of(*load_aligned(), config, config.unit_fractions, method=scorer),
             UnitMap.load,
         )
     for index, run in enumerate(runs, 1):
         run_dir = run.run_dir(args.out / "runs")
-        if args.report_only:
-            if (run_dir / "result.json").is_file():
-                results[run] = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+        if (run_dir / "result.json").is_file():
             continue
-        cached = (run_dir / "result.json").is_file()
         elapsed = time.perf_counter() - start
         print(
             f"[frontier] {index}/{len(runs)} {run.attack} seed {run.seed} {run.name} ({elapsed / 60:.1f} min)",
             file=sys.stderr,
             flush=True,
         )
-        results[run] = attack_result(
+        attack_result(
             replace(config, seed=run.seed), load_aligned, run.attack, run.method(), maps.get(run.scorer), run_dir
         )
-        if not cached:
-            write_results(runs, results, args, time.perf_counter() - start)
-    write_results(runs, results, args, time.perf_counter() - start)
-    print(f"[frontier] {len(results)} of {len(runs)} runs; results in {args.results}", file=sys.stderr)
+        write_results(args, time.perf_counter() - start)
+    write_results(args, time.perf_counter() - start)
+    print(f"[frontier] {len(runs)} runs done; results in {args.results}", file=sys.stderr)
     return 0
 
 

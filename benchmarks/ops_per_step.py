@@ -7,7 +7,8 @@ On a GPU every operator is a kernel launch (and most allocate), so an adapter's 
 its step time pays above LoRA's at small ranks, where the matmuls themselves are cheap. These counts do not depend
 on the machine: they are the same on any CPU and match what a GPU would run, so they can be compared across
 commits without one (run the script on both). Counted with ``torch.profiler`` over one forward + backward +
-optimizer step after a warm-up step: every ``aten::`` operator called (top-level and nested). The "floor" is the
+optimizer step after a warm-up step: every ``aten::`` operator called (top-level and nested); the bytes those
+operators move (``dispatch_counts.py``: arguments read, outputs written) over one more step. The "floor" is the
 frozen model with input gradients (forward and activation backward, no adapter): an adapter's own cost is its
 operators above the floor, per adapted module.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from dispatch_counts import OperatorCounter  # benchmarks/dispatch_counts.py
 from peft import get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.profiler import ProfilerActivity, profile
@@ -35,8 +37,9 @@ def methods(config) -> dict:
     }
 
 
-def count_step(config, make_peft_config, batch: torch.Tensor, checkpointing: bool) -> tuple[int, int]:
-    """(aten operators of one step, adapted modules); ``make_peft_config=None``: the frozen floor."""
+def count_step(config, make_peft_config, batch: torch.Tensor, checkpointing: bool) -> tuple[int, int, int]:
+    """(aten operators of one step, bytes they move, adapted modules); ``make_peft_config=None``: the frozen
+    floor. Bytes as :class:`dispatch_counts.OperatorCounter` counts them, over a further step."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     if make_peft_config is None:
@@ -60,8 +63,11 @@ def count_step(config, make_peft_config, batch: torch.Tensor, checkpointing: boo
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         step()
     operators = sum(1 for e in profiler.events() if e.name.startswith("aten::"))
+    counter = OperatorCounter()
+    with counter:
+        step()
     adapted = sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer))
-    return operators, adapted
+    return operators, counter.bytes_moved, adapted
 
 
 def main() -> None:
@@ -75,15 +81,19 @@ def main() -> None:
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     table = methods(config)
     print(f"size {args.size}, batch {args.batch} x {args.seq}, {config.num_hidden_layers} layers, 7 projections each")
-    print("| method | checkpointing | adapted modules | aten operators | above the floor, per adapted module |")
-    print("|---|---|---:|---:|---:|")
+    print(
+        "| method | checkpointing | adapted modules | aten operators | above the floor, per adapted module | "
+        "MiB moved | above the floor, KiB per adapted module |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for checkpointing in (False, True):
-        floor, _ = count_step(config, None, batch, checkpointing)
-        print(f"| floor (frozen) | {'on' if checkpointing else 'off'} | 0 | {floor} | |")
+        ckpt = "on" if checkpointing else "off"
+        floor, floor_bytes, _ = count_step(config, None, batch, checkpointing)
+        print(f"| floor (frozen) | {ckpt} | 0 | {floor} | | {floor_bytes / 2**20:.1f} | |")
         for name, make in table.items():
-            operators, adapted = count_step(config, make, batch, checkpointing)
-            per_module = (operators - floor) / adapted
-            print(f"| {name} | {'on' if checkpointing else 'off'} | {adapted} | {operators} | {per_module:.1f} |")
+            operators, moved, adapted = count_step(config, make, batch, checkpointing)
+            per_module, kib = (operators - floor) / adapted, (moved - floor_bytes) / adapted / 1024
+            print(f"| {name} | {ckpt} | {adapted} | {operators} | {per_module:.1f} | {moved / 2**20:.1f} | {kib:.0f} |")
 
 
 if __name__ == "__main__":

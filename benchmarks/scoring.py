@@ -47,7 +47,6 @@ import json
 import os
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,16 +54,13 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from memory import peak_rss_above_start  # benchmarks/memory.py (the script's folder is on sys.path)
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from dispatch_counts import OperatorCounter  # benchmarks/dispatch_counts.py (the script's folder is on sys.path)
+from memory import peak_rss_above_start  # benchmarks/memory.py
 from train_step import SIZES  # benchmarks/train_step.py
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ssah_peft import score_units
 from ssah_peft.scoring import accumulators
-
-SYNCHRONISING = {"aten::nonzero", "aten::_local_scalar_dense", "aten::masked_select", "aten::is_nonzero", "aten::equal"}
 
 
 def random_batches(vocab: int, batch: int, seq: int, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -105,40 +101,8 @@ def peak_memory_above_start(work: Callable[[], object], device: str) -> int:
     return torch.cuda.max_memory_allocated() - start
 
 
-class HookOperators(TorchDispatchMode):
-    """The aten operators on tensors run while active: names, synchronising ones, bytes moved, elements made."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-        self.operators: Counter[str] = Counter()
-        self.synchronising: Counter[str] = Counter()
-        self.bytes_moved = 0  # every tensor argument read in full, every output written (views: nothing)
-        self.elements: Counter[torch.dtype] = Counter()  # outputs of operators neither in place nor views
-        self.largest: Counter[torch.dtype] = Counter()  # the most elements of one such output, per dtype
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        if not inputs and not outputs:
-            return out  # host-side only (promote_types): no kernel
-        name = func._schema.name
-        self.operators[name] += 1
-        if name in SYNCHRONISING or (name == "aten::index" and any(t.dtype == torch.bool for t in inputs[1:])):
-            self.synchronising[name] += 1
-        if not func.is_view:
-            self.bytes_moved += sum(t.nbytes for t in inputs + outputs)
-            if not func._schema.is_mutable:
-                for tensor in outputs:
-                    self.elements[tensor.dtype] += tensor.numel()
-                    self.largest[tensor.dtype] = max(self.largest[tensor.dtype], tensor.numel())
-        return out
-
-
 @contextlib.contextmanager
-def counting_hooks(counter: HookOperators) -> Iterator[None]:
+def counting_hooks(counter: OperatorCounter) -> Iterator[None]:
     """Make the scorer's moment hooks (registered from here on) run under ``counter``."""
     make_hook = accumulators._moment_hook
 
@@ -173,7 +137,7 @@ def count_operators(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     ]
     for method in methods:
         for path, patch in paths.items():
-            counter = HookOperators()
+            counter = OperatorCounter()
             with patch(), counting_hooks(counter):
                 score_units(model, batches, method=method, show_progress_bar=False)
             calls = counter.calls

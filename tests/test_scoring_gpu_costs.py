@@ -20,7 +20,8 @@ from ssah_peft import build_calibration_batches, score_units
 from ssah_peft.scoring import accumulators
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from scoring import HookOperators, counting_hooks  # noqa: E402  (benchmarks/scoring.py: its --count-ops counter)
+from dispatch_counts import OperatorCounter  # noqa: E402  (benchmarks/dispatch_counts.py)
+from scoring import counting_hooks  # noqa: E402  (benchmarks/scoring.py: its --count-ops hooks)
 
 
 def force_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,7 +71,7 @@ def test_both_paths_score_exactly_with_and_without_a_gather(monkeypatch, batches
 def test_hooks_never_wait_for_the_device_nor_copy_the_batch_to_float64(monkeypatch, batches, one_read):
     if one_read:
         force_one_read(monkeypatch)
-    counter = HookOperators()
+    counter = OperatorCounter()
     model = tiny_model("llama", dtype=torch.bfloat16)
     with counting_hooks(counter):
         score_units(model, batches, method="variance", show_progress_bar=False)

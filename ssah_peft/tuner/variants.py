@@ -125,8 +125,10 @@ class ProtectUpdate(SSAHUpdate):
         return torch.where(keep, A, 0.0), B
 
     def forward(self, layer: SSAHLayer, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # scaled at rank r, not at the output width as LoRA does: the same product, a kernel over [tokens, r]
+        # instead of [tokens, out_features], which pays for the mask's ``where`` on A or B
         A, B = self.masked(layer, adapter)
-        return result + (F.linear(F.linear(x, A), B) * layer.scaling[adapter]).to(result.dtype)
+        return result + F.linear(F.linear(x, A) * layer.scaling[adapter], B).to(result.dtype)
 
     def add_to_weight(
         self, layer: SSAHLayer, adapter: str, weight: torch.Tensor, sign: float, transposed: bool
