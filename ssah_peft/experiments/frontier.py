@@ -197,6 +197,11 @@ def _mean_sd_cell(values: Sequence[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
+def _difference_cell(mean_and_sd: tuple[float, float], seeds: int) -> str:
+    mean, sd = mean_and_sd
+    return f"{mean:+.3f} ± {sd:.3f}" if seeds > 1 else f"{mean:+.3f}"
+
+
 def frontier_points(rows: Iterable[Mapping[str, Any]]) -> list[FrontierPoint]:
     """One point per (attack, setting, chooser, budget): the mean over seeds with ± sd bars (one seed: its Wilson
     intervals)."""
@@ -274,10 +279,10 @@ def frontier_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for c in paired_differences(rows):
-        asr, task = c["asr_difference"], c["task_difference"]
+        asr, task = (_difference_cell(c[key], c["seeds"]) for key in ("asr_difference", "task_difference"))
         lines.append(
-            f"| {c['attack']} | {c['setting']} | {c['chooser']} | {c['budget']:.1%} | {c['seeds']} | "
-            f"{asr[0]:+.3f} ± {asr[1]:.3f} | {c['seeds_lower_asr']} of {c['seeds']} | {task[0]:+.3f} ± {task[1]:.3f} |"
+            f"| {c['attack']} | {c['setting']} | {c['chooser']} | {c['budget']:.1%} | {c['seeds']} | {asr} | "
+            f"{c['seeds_lower_asr']} of {c['seeds']} | {task} |"
         )
     return lines
 
