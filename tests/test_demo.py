@@ -299,7 +299,7 @@ def test_report_draws_the_demo_runs_as_a_protection_frontier(demo_run):
 
 
 def test_frontier_runs_train_what_their_setting_says_on_the_demos_aligned_model(demo_run, tmp_path):
-    """One protect, one dense and one random frontier run of the sweep, through the demo's own attack run."""
+    """Protect, random, dense and dense-reference frontier runs of the sweep, through the demo's own attack run."""
     config, _, _ = demo_run
     unit_map = UnitMap.load(config.run_dir / "units" / "unitmap_aligned.safetensors")
     widths = unit_widths(unit_map)
@@ -310,16 +310,17 @@ def test_frontier_runs_train_what_their_setting_says_on_the_demos_aligned_model(
         return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
     frozen = {}
-    for setting, chooser in (("protect", "ssah"), ("protect", "random"), ("dense", "ssah")):
-        run = FrontierRun("task", setting, chooser, 0.4, seed=1)
+    chosen = math.floor(0.4 * total + 0.5)  # budgets round half up
+    expected_units = {"protect": chosen, "dense": total - chosen, "reference": total}  # frozen, trained, trained
+    for setting, chooser in (("protect", "ssah"), ("protect", "random"), ("dense", "ssah"), ("reference", "dense")):
+        run = FrontierRun("task", setting, chooser, 0.0 if setting == "reference" else 0.4, seed=1)
         result = attack_result(replace(config, seed=1), load, run.attack, run.method(), unit_map, run.run_dir(tmp_path))
         assert result["method"] == run.name and (tmp_path / "task" / "seed1" / run.name / "result.json").is_file()
         counts = {
             (int(layer), kind): n for layer, blocks in result["unit_counts"].items() for kind, n in blocks.items()
         }
         frozen[(setting, chooser)] = counts
-        chosen = math.floor(0.4 * total + 0.5)  # budgets round half up
-        assert sum(counts.values()) == (chosen if setting == "protect" else total - chosen)
+        assert sum(counts.values()) == expected_units[setting]
     # random freezes SSAH's counts per layer and kind; dense trains exactly the units protect freezes, complemented
     assert frozen[("protect", "random")] == frozen[("protect", "ssah")]
     for (layer, kind), n in frozen[("protect", "ssah")].items():

@@ -44,7 +44,7 @@ def test_complement_holds_every_other_unit_of_every_block():
 
 def test_a_sweep_has_whole_seeds_first_and_dense_runs_only_for_ssah_and_random():
     runs = frontier_runs(seeds=(0, 1, 2))
-    per_seed_and_attack = 2 + len(BUDGETS) * len(CHOOSERS) + len(BUDGETS) * 2
+    per_seed_and_attack = 3 + len(BUDGETS) * len(CHOOSERS) + len(BUDGETS) * 2
     assert len(runs) == 3 * 2 * per_seed_and_attack
     assert [run.seed for run in runs] == sorted(run.seed for run in runs)
     assert {run.chooser for run in runs if run.setting == "dense"} == {"ssah", "random"}
@@ -53,6 +53,9 @@ def test_a_sweep_has_whole_seeds_first_and_dense_runs_only_for_ssah_and_random()
     dense = FrontierRun("task", "dense", "random", 0.2, 2).method()
     assert not dense.freezes_units and dense.learning_rate_key == "full" and dense.units.name.startswith("all but")
     assert FrontierRun("task", "reference", "lora", 0.0, 0).method().name == "lora"
+    assert FrontierRun("task", "reference", "lora", 0.0, 0).scorer is None
+    everything = FrontierRun("task", "reference", "dense", 0.0, 0)
+    assert everything.scorer == "variance" and everything.method().units.name == "all but no units"
     with pytest.raises(ValueError, match="Unknown chooser"):
         protection_selector("gradient", 0.2, 0)
     assert protection_selector("wanda", 0.2, 0).scorer == "wanda"

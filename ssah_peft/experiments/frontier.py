@@ -1,5 +1,6 @@
 """The protection frontier (issue 17): ASR after a fine-tuning attack against task accuracy after it, for budgets of
-frozen units chosen by each scorer and at random, with full fine-tuning and LoRA as reference points.
+frozen units chosen by each scorer and at random, with full fine-tuning, LoRA and dense training of every unit as
+reference points.
 
 A module of its own because the frontier is the project's answer to "do the chosen units matter?": at the same
 task accuracy, does freezing SSAH's units keep more refusals than freezing as many other units? One point is one
@@ -66,7 +67,7 @@ def protection_selector(chooser: str, budget: float, seed: int) -> UnitSelector:
 @dataclass(frozen=True)
 class FrontierRun:
     """One point of the frontier: an attack run with ``budget`` of the units chosen by ``chooser`` frozen in
-    ``setting``, or a reference (``setting == "reference"``: full fine-tuning or LoRA, ``budget`` 0)."""
+    ``setting``, or a reference (``setting == "reference"``, ``budget`` 0: :data:`REFERENCES`)."""
 
     attack: str
     setting: str
@@ -87,18 +88,35 @@ class FrontierRun:
     def method(self) -> Method:
         """The method this run trains with; a ``dense`` run takes full fine-tuning's learning rate."""
         if self.setting == "reference":
-            return {"full": FULL, "lora": LORA}[self.chooser]
+            return REFERENCES[self.chooser]
         frozen = protection_selector(self.chooser, self.budget, self.seed)
         if self.setting == "protect":
             return ssah_protect(self.name, frozen)
         if self.setting == "dense":
-            return Method(self.name, select_config, FULL.learning_rate_key, units=complement_of(frozen))
+            return dense_training(self.name, frozen)
         raise ValueError(f"Unknown setting {self.setting!r}; known: {', '.join(SETTINGS)}, reference")
 
     @property
     def scorer(self) -> Optional[str]:
-        """The scorer of the unit map the run chooses from; None for references."""
-        return None if self.setting == "reference" else CHOOSER_SCORERS[self.chooser]
+        """The scorer of the unit map the run chooses from; None for a reference without units."""
+        if self.setting == "reference":
+            return None if REFERENCES[self.chooser].units is None else "variance"
+        return CHOOSER_SCORERS[self.chooser]
+
+
+def dense_training(name: str, frozen: UnitSelector) -> Method:
+    """Select mode on every unit but ``frozen``'s, at full fine-tuning's learning rate: dense fine-tuning of the
+    output-projection units (embeddings, norms and the output head stay as they are) with ``frozen`` held."""
+    return Method(name, select_config, FULL.learning_rate_key, units=complement_of(frozen))
+
+
+#: The reference points: full fine-tuning, LoRA, and dense training with nothing frozen (the ``dense`` setting at
+#: budget 0, which unlike full fine-tuning leaves embeddings, norms and the output head as they are).
+REFERENCES: dict[str, Method] = {
+    "full": FULL,
+    "lora": LORA,
+    "dense": dense_training("dense", UnitSelector("no units", lambda unit_map: {})),
+}
 
 
 def frontier_runs(
@@ -114,7 +132,7 @@ def frontier_runs(
     runs = []
     for seed in seeds:
         for attack in attacks:
-            runs += [FrontierRun(attack, "reference", name, 0.0, seed) for name in ("full", "lora")]
+            runs += [FrontierRun(attack, "reference", name, 0.0, seed) for name in REFERENCES]
             for setting in settings:
                 for budget in budgets:
                     for chooser in choosers:
