@@ -9,6 +9,7 @@ LoRA are the reference points. Every run is the demo's stage-4 run (``ssah_peft.
     python benchmarks/frontier.py                      # the whole sweep: 5 budgets x 3 seeds x 2 attacks
     python benchmarks/frontier.py --seeds 0 --attacks task --budgets 0.075,0.72   # a slice
     python benchmarks/frontier.py --report-only        # tables and figure from the runs computed so far
+    python benchmarks/frontier.py --choosers snip,random_snip --settings protect   # SNIP vs random of its counts
 
 Resumable: each run's result is cached under ``--out`` (``<attack>/seed<s>/<run>/result.json``), so an interrupted
 sweep goes on where it stopped; runs are ordered seed by seed, and a slice computes only its runs. After every
@@ -33,7 +34,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ssah_peft.experiments import DemoConfig, cached_artifact, check_run_dir
 from ssah_peft.experiments.frontier import (
     BUDGETS,
+    CHOOSER_SCORERS,
     CHOOSERS,
+    RIVAL_CONTROLS,
     SETTINGS,
     FrontierRun,
     frontier_markdown,
@@ -56,10 +59,10 @@ def comma_list(kind):
 
 
 def cached_results(root: Path, seeds: list[int]) -> dict[FrontierRun, dict]:
-    """The result of every run of the whole sweep at ``seeds`` (and 0, 1, 2) that is cached under ``root``: what the
-    tables show, whichever slice this invocation runs."""
+    """The result of every run of the whole sweep at ``seeds`` (and 0, 1, 2), with the rival scorers' own random
+    controls, that is cached under ``root``: what the tables show, whichever slice this invocation runs."""
     results = {}
-    for run in frontier_runs(seeds=sorted({0, 1, 2, *seeds})):
+    for run in frontier_runs(choosers=CHOOSERS + RIVAL_CONTROLS, seeds=sorted({0, 1, 2, *seeds})):
         path = run.run_dir(root) / "result.json"
         if path.is_file():
             results[run] = json.loads(path.read_text(encoding="utf-8"))
@@ -118,7 +121,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    unknown = sorted(set(args.choosers) - set(CHOOSERS)) + sorted(set(args.settings) - set(SETTINGS))
+    unknown = sorted(set(args.choosers) - set(CHOOSER_SCORERS)) + sorted(set(args.settings) - set(SETTINGS))
     if unknown or not all(0 < b < 1 for b in args.budgets):
         parser.error(f"unknown choosers/settings {unknown} or a budget outside (0, 1): {args.budgets}")
     aligned_path = args.demo / "align" / "aligned_model"

@@ -58,7 +58,7 @@ def test_a_sweep_has_whole_seeds_first_and_dense_runs_only_for_ssah_and_random()
     assert everything.scorer == "variance" and everything.method().units.name == "all but no units"
     with pytest.raises(ValueError, match="Unknown chooser"):
         protection_selector("gradient", 0.2, 0)
-    assert protection_selector("wanda", 0.2, 0).scorer == "wanda"
+    assert protection_selector("wanda", 0.2, 0).scorer == protection_selector("random_wanda", 0.2, 1).scorer == "wanda"
 
 
 def result(asr_hits: int, task_hits: int) -> dict:
@@ -96,12 +96,24 @@ def test_rows_pool_seeds_for_wilson_intervals_and_pair_them_with_random(rows, tm
     text = "\n".join(frontier_markdown(rows))
     low, high = wilson_interval(41, 108)
     assert f"0.380 [{low:.3f}, {high:.3f}]" in text  # 41/108 pooled over the seeds
-    assert "| task | protect | ssah | 20.0% | 3 | -0.083 ± " in text
+    assert "| task | protect | ssah | random | 20.0% | 3 | -0.083 ± " in text
     path = tmp_path / "results.csv"
     write_rows(rows, path)
     with path.open(newline="") as handle:
         read = list(csv.DictReader(handle))
     assert len(read) == 6 and read[0]["chooser"] == "ssah" and int(read[0]["asr_hits"]) == 9
+
+
+def test_a_rival_is_paired_with_the_random_control_of_its_own_counts_where_there_is_one(rows):
+    rival = [
+        frontier_row(FrontierRun("task", "protect", chooser, 0.2, seed), result(hits, 4))
+        for chooser, per_seed in (("snip", (5, 6)), ("random_snip", (8, 12)))
+        for seed, hits in enumerate(per_seed)
+    ]
+    by_chooser = {c["chooser"]: c for c in paired_differences(rows + rival)}
+    assert by_chooser["ssah"]["control"] == "random" and by_chooser["snip"]["control"] == "random_snip"
+    assert by_chooser["snip"]["asr_difference"][0] == pytest.approx(((5 - 8) + (6 - 12)) / 2 / 36)
+    assert by_chooser["snip"]["seeds"] == 2 and "random_snip" not in by_chooser
 
 
 def test_points_average_the_seeds_and_the_figure_is_drawn(rows, tmp_path):

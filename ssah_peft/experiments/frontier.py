@@ -46,22 +46,33 @@ BUDGETS: tuple[float, ...] = (0.013, 0.075, 0.2, 0.4, 0.72)
 #: Who chooses the units: SSAH's types (SCU, then CU by I_S − I_U), the rival scorers' safety attribution (Wanda or
 #: SNIP score difference, Wei et al. 2024) and random units with SSAH's per-layer counts.
 CHOOSERS: tuple[str, ...] = ("ssah", "wanda", "snip", "random")
+#: Controls for the rival scorers, outside the default sweep: random units with THEIR per-layer counts (a rival's
+#: global ranking puts its budget in other layers than SSAH's); :func:`paired_differences` pairs ``wanda`` with
+#: ``random_wanda`` where that exists.
+RIVAL_CONTROLS: tuple[str, ...] = ("random_wanda", "random_snip")
 #: How the chosen units are frozen (module docstring).
 SETTINGS: tuple[str, ...] = ("protect", "dense")
 #: The scorer whose map each chooser reads.
-CHOOSER_SCORERS: dict[str, str] = {"ssah": "variance", "wanda": "wanda", "snip": "snip", "random": "variance"}
+CHOOSER_SCORERS: dict[str, str] = {
+    "ssah": "variance",
+    "wanda": "wanda",
+    "snip": "snip",
+    "random": "variance",
+    "random_wanda": "wanda",
+    "random_snip": "snip",
+}
 
 
 def protection_selector(chooser: str, budget: float, seed: int) -> UnitSelector:
     """The units ``chooser`` freezes at ``budget`` (a share of all units, global ranking as in the paper)."""
-    ssah = budget_selector(budget, "protect", rule="types")
-    if chooser == "ssah":
-        return ssah
-    if chooser == "random":
-        return random_like(ssah, seed)
-    if chooser in ("wanda", "snip"):
-        return budget_selector(budget, "protect", rule="difference", scorer=chooser)
-    raise ValueError(f"Unknown chooser {chooser!r}; known: {', '.join(CHOOSERS)}")
+    if chooser not in CHOOSER_SCORERS:
+        raise ValueError(f"Unknown chooser {chooser!r}; known: {', '.join(CHOOSER_SCORERS)}")
+    controlled = chooser.removeprefix("random_") if chooser in RIVAL_CONTROLS else chooser
+    if controlled in ("wanda", "snip"):
+        chosen = budget_selector(budget, "protect", rule="difference", scorer=controlled)
+    else:
+        chosen = budget_selector(budget, "protect", rule="types")
+    return random_like(chosen, seed) if chooser.startswith("random") else chosen
 
 
 @dataclass(frozen=True)
@@ -241,14 +252,18 @@ def frontier_points(rows: Iterable[Mapping[str, Any]]) -> list[FrontierPoint]:
     return points
 
 
-def paired_differences(rows: Iterable[Mapping[str, Any]], control: str = "random") -> list[dict[str, Any]]:
-    """Each chooser against ``control`` at the same attack, setting and budget: the per-seed differences of ASR and
-    task accuracy over the seeds both have, as mean ± sd, and how many seeds had a lower ASR."""
+def paired_differences(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each chooser against its random control at the same attack, setting and budget (``random_<chooser>``, with
+    the chooser's own per-layer counts, where it exists; else ``random``, with SSAH's): the per-seed differences of
+    ASR and task accuracy over the seeds both have, as mean ± sd, and how many seeds had a lower ASR."""
     groups = grouped(rows)
     comparisons = []
     for (attack, setting, chooser, budget), group in groups.items():
+        if setting == "reference" or chooser.startswith("random"):
+            continue
+        control = f"random_{chooser}" if (attack, setting, f"random_{chooser}", budget) in groups else "random"
         reference = groups.get((attack, setting, control, budget))
-        if setting == "reference" or chooser == control or not reference:
+        if not reference:
             continue
         by_seed = {r["seed"]: r for r in reference}
         pairs = [(r, by_seed[r["seed"]]) for r in group if r["seed"] in by_seed]
@@ -261,6 +276,7 @@ def paired_differences(rows: Iterable[Mapping[str, Any]], control: str = "random
                 "attack": attack,
                 "setting": setting,
                 "chooser": chooser,
+                "control": control,
                 "budget": budget,
                 "seeds": len(pairs),
                 "asr_difference": mean_sd(asr),
@@ -289,18 +305,18 @@ def frontier_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         lines.append(f"| {' | '.join(cells)} |")
     lines += [
         "",
-        "Paired with random (same attack, setting, budget and seed; a negative ASR difference: fewer attacks succeed "
-        "than with random units):",
+        "Paired with a random control (same attack, setting, budget and seed; `random` has SSAH's per-layer counts, "
+        "`random_<scorer>` the scorer's; a negative ASR difference: fewer attacks succeed than with random units):",
         "",
-        "| attack | setting | chooser | frozen | seeds | ΔASR mean ± sd | seeds with lower ASR | "
+        "| attack | setting | chooser | control | frozen | seeds | ΔASR mean ± sd | seeds with lower ASR | "
         "Δ task acc. mean ± sd |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for c in paired_differences(rows):
         asr, task = (_difference_cell(c[key], c["seeds"]) for key in ("asr_difference", "task_difference"))
         lines.append(
-            f"| {c['attack']} | {c['setting']} | {c['chooser']} | {c['budget']:.1%} | {c['seeds']} | {asr} | "
-            f"{c['seeds_lower_asr']} of {c['seeds']} | {task} |"
+            f"| {c['attack']} | {c['setting']} | {c['chooser']} | {c['control']} | {c['budget']:.1%} | "
+            f"{c['seeds']} | {asr} | {c['seeds_lower_asr']} of {c['seeds']} | {task} |"
         )
     return lines
 
