@@ -11,6 +11,8 @@
 * :mod:`.stages`: the demo's stages (baseline, align, units, attack with the migration of unit types);
 * :mod:`.stability`: the IoU of the unit sets between calibration halves and scorers;
 * :mod:`.timing`: where a demo run's time goes (``timings.jsonl``, the report's time table);
+* :mod:`.frontier`: the protection frontier (``benchmarks/frontier.py``): runs by budget, chooser and setting, their
+  tables with pooled Wilson intervals and paired differences from random, and the figure;
 * :mod:`.report`: the demo's ``report.md`` and ``results.json``;
 * :mod:`.demo`: :func:`run_demo`, every stage in order.
 """

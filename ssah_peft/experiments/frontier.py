@@ -221,14 +221,10 @@ def pooled(rows: Sequence[Mapping[str, Any]], prefix: str) -> tuple[int, int]:
     return sum(int(r[f"{prefix}_hits"]) for r in rows), sum(int(r[f"{prefix}_n"]) for r in rows)
 
 
-def _mean_sd_cell(values: Sequence[float]) -> str:
-    mean, sd = mean_sd(values)
-    return f"{mean:.3f} ± {sd:.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
-def _difference_cell(mean_and_sd: tuple[float, float], seeds: int) -> str:
+def _mean_sd_cell(mean_and_sd: tuple[float, float], seeds: int, sign: str = "") -> str:
+    """``mean ± sd``; the bare mean for one seed, whose sd is not defined. ``sign="+"`` for differences."""
     mean, sd = mean_and_sd
-    return f"{mean:+.3f} ± {sd:.3f}" if seeds > 1 else f"{mean:+.3f}"
+    return f"{mean:{sign}.3f} ± {sd:.3f}" if seeds > 1 else f"{mean:{sign}.3f}"
 
 
 def frontier_points(rows: Iterable[Mapping[str, Any]]) -> list[FrontierPoint]:
@@ -298,8 +294,9 @@ def frontier_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for (attack, setting, chooser, budget), group in grouped(rows).items():
         frozen = "–" if setting == "reference" else f"{budget:.1%}"
         cells = [attack, setting, chooser, frozen, str(len(group))]
-        cells += [_mean_sd_cell([float(r["asr"]) for r in group]), format_rate(*pooled(group, "asr"))]
-        cells += [_mean_sd_cell([float(r["task"]) for r in group]), format_rate(*pooled(group, "task"))]
+        for prefix in ("asr", "task"):
+            spread = _mean_sd_cell(mean_sd([float(r[prefix]) for r in group]), len(group))
+            cells += [spread, format_rate(*pooled(group, prefix))]
         cells += [format_rate(*pooled(group, "overrefusal"))]
         cells += [f"{mean_sd([float(r['perplexity']) for r in group])[0]:.2f}"]
         lines.append(f"| {' | '.join(cells)} |")
@@ -313,7 +310,7 @@ def frontier_markdown(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for c in paired_differences(rows):
-        asr, task = (_difference_cell(c[key], c["seeds"]) for key in ("asr_difference", "task_difference"))
+        asr, task = (_mean_sd_cell(c[key], c["seeds"], "+") for key in ("asr_difference", "task_difference"))
         lines.append(
             f"| {c['attack']} | {c['setting']} | {c['chooser']} | {c['control']} | {c['budget']:.1%} | "
             f"{c['seeds']} | {asr} | {c['seeds_lower_asr']} of {c['seeds']} | {task} |"
