@@ -29,7 +29,7 @@ class OperatorCounter(TorchDispatchMode):
         self.operators: Counter[str] = Counter()
         self.synchronising: Counter[str] = Counter()
         self.bytes_moved = 0  # every tensor argument read in full, every output written (views: nothing)
-        self.elements: Counter[torch.dtype] = Counter()  # outputs of operators neither in place nor views
+        self.elements: Counter[torch.dtype] = Counter()  # outputs computed from tensors, neither in place nor views
         self.largest: Counter[torch.dtype] = Counter()  # the most elements of one such output, per dtype
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
@@ -45,7 +45,7 @@ class OperatorCounter(TorchDispatchMode):
             self.synchronising[name] += 1
         if not func.is_view:
             self.bytes_moved += sum(t.nbytes for t in inputs + outputs)
-            if not func._schema.is_mutable:
+            if not func._schema.is_mutable and inputs:  # a buffer made from nothing (torch.empty) copies nothing
                 for tensor in outputs:
                     self.elements[tensor.dtype] += tensor.numel()
                     self.largest[tensor.dtype] = max(self.largest[tensor.dtype], tensor.numel())

@@ -127,7 +127,7 @@ def count_operators(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     paths: dict[str, Callable[[], Any]] = {
         f"{device} (as run here)": contextlib.nullcontext,
         "one-read (GPU)": lambda: mock.patch.object(
-            accumulators, "_batch_moments", lambda x, one_read: batch_moments(x, one_read=True)
+            accumulators, "_batch_moments", lambda x, sums, m2, one_read: batch_moments(x, sums, m2, one_read=True)
         ),
     }
     lines = [

@@ -17,7 +17,7 @@ import torch
 from test_scoring import assert_scores_close, direct_scores, random_pairs, tiny_model, word_tokenizer
 
 from ssah_peft import build_calibration_batches, score_units
-from ssah_peft.scoring import accumulators
+from ssah_peft.scoring import accumulators, scorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from dispatch_counts import OperatorCounter  # noqa: E402  (benchmarks/dispatch_counts.py)
@@ -26,7 +26,9 @@ from scoring import counting_hooks  # noqa: E402  (benchmarks/scoring.py: its --
 
 def force_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
     batch_moments = accumulators._batch_moments
-    monkeypatch.setattr(accumulators, "_batch_moments", lambda x, one_read: batch_moments(x, one_read=True))
+    monkeypatch.setattr(
+        accumulators, "_batch_moments", lambda x, sums, m2, one_read: batch_moments(x, sums, m2, one_read=True)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +43,15 @@ def test_batch_moments_are_centred(dtype, one_read):
     generator = torch.Generator().manual_seed(0)
     offsets = torch.tensor([100.0, -300.0, 0.0, 1000.0])
     x = (offsets + torch.randn(333, 4, generator=generator) * torch.tensor([1.0, 0.5, 1.0, 4.0])).to(dtype)
-    mean, m2 = accumulators._batch_moments(x, one_read=one_read)
-    assert mean.dtype == m2.dtype == torch.promote_types(dtype, torch.float32)
+    compute_dtype = torch.promote_types(dtype, torch.float32)
+    sums, m2 = torch.full((2, 4), float("nan"), dtype=compute_dtype)
+    accumulators._batch_moments(x, sums, m2, one_read=one_read)
     exact = x.double()
     rtol = 1e-12 if dtype == torch.float64 else 1e-6
-    torch.testing.assert_close(mean.double(), exact.mean(dim=0), rtol=rtol, atol=0)
+    torch.testing.assert_close(sums.double(), exact.sum(dim=0), rtol=rtol, atol=0)
     torch.testing.assert_close(m2.double(), (exact - exact.mean(dim=0)).square().sum(dim=0), rtol=rtol, atol=0)
-    single = accumulators._batch_moments(x[:1], one_read=one_read)
-    assert torch.equal(single[0], x[0].to(mean.dtype)) and not single[1].any()
+    accumulators._batch_moments(x[:1], sums, m2, one_read=one_read)
+    assert torch.equal(sums, x[0].to(compute_dtype)) and not m2.any()
 
 
 @pytest.mark.parametrize("one_read", [False, True])
@@ -78,8 +81,47 @@ def test_hooks_never_wait_for_the_device_nor_copy_the_batch_to_float64(monkeypat
     assert counter.calls and counter.operators.total(), "the hooks ran no operator"
     assert not counter.synchronising
     width = max(model.config.hidden_size, model.config.intermediate_size)  # the widest output projection input
-    assert counter.largest[torch.float64] <= width  # only width-sized float64 state
+    # float64 only for the state and the buffered batches' moments (width-sized rows), never a batch of tokens
+    assert counter.largest[torch.float64] <= accumulators.PENDING_BATCHES * width
     if one_read:  # the reductions read the bf16 batch as it is: no float copy of it at all
         assert all(
             n <= width for dtype, n in counter.largest.items() if dtype.is_floating_point and dtype != torch.bfloat16
         )
+
+
+@pytest.mark.parametrize("pending", [1, 2, 3])
+def test_buffered_batch_moments_merge_exactly_across_the_buffer(monkeypatch, pending):
+    # 10 batches of 2 sequences: the buffer fills and merges several times, and a part-filled one merges at the end
+    monkeypatch.setattr(accumulators, "PENDING_BATCHES", pending)
+    model = tiny_model("llama")
+    data = build_calibration_batches(word_tokenizer(), random_pairs(20, seed=3), batch_size=2, padding_side="left")
+    assert len(data) > 2 * pending + 1
+    for method in ("variance", "wanda"):
+        scores = score_units(model, data, method=method, show_progress_bar=False)
+        assert_scores_close(scores, direct_scores(model, data, method), rtol=1e-6)
+        assert scores.num_tokens == sum(int(b["score_mask"].sum()) for b in data)
+
+
+def test_each_batch_is_prepared_one_batch_ahead_and_keeps_its_mask():
+    # the next batch is prepared (its mask read back, on a GPU) before the current one is handed to the forward
+    events = []
+
+    def prepare(batch):
+        events.append(("prepare", batch["id"]))
+        return {"input_ids": batch["input_ids"]}, batch["mask"]
+
+    batches = [
+        {"id": i, "input_ids": torch.full((1, 2), i), "mask": torch.tensor([[True, i % 2 == 0]])} for i in range(3)
+    ]
+    for inputs, mask in scorer._prepared_batches(batches, prepare, torch.device("cpu")):
+        i = int(inputs["input_ids"][0, 0])
+        events.append(("forward", i))
+        assert torch.equal(mask, batches[i]["mask"])
+    assert events == [
+        ("prepare", 0),
+        ("prepare", 1),
+        ("forward", 0),
+        ("prepare", 2),
+        ("forward", 1),
+        ("forward", 2),
+    ]

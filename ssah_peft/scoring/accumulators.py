@@ -69,30 +69,69 @@ class BatchTokens:
         if self._index is None:
             return flat
         if flat.device not in self._index_by_device:
-            # from the host's memory to a device: queued, no wait for the device
-            self._index_by_device[flat.device] = self._index.to(flat.device, non_blocking=True)
+            self._index_by_device[flat.device] = _to_device(self._index, flat.device)
         return flat.index_select(0, self._index_by_device[flat.device])
+
+
+#: Batches whose moments a :class:`Moments` buffers before merging them into its float64 state.
+PENDING_BATCHES = 32
 
 
 class Moments:
     """Per-channel count, mean and M2 (sum of squared deviations), merged exactly (Chan et al.) in float64.
 
-    A batch's moments are computed in the model's precision, float32 at least (:func:`_batch_moments`); only
-    these width-sized vectors enter the float64 state. The state lives on the device of the first batch and is
-    updated in place, so a scoring pass copies nothing between devices and reads nothing back until :meth:`state`.
+    A batch's sum and M2 are computed in the model's precision, float32 at least (:func:`_batch_moments`), straight
+    into a row of a small buffer; every :data:`PENDING_BATCHES` batches (and before any read) the buffered rows are
+    merged into the float64 state at once. So a batch costs its two reductions and nothing else: no per-batch
+    merge arithmetic, whose handful of tiny kernels per projection cost a GPU as much as the reductions. The state
+    lives on the device of the first batch and is updated in place, so a scoring pass copies nothing between
+    devices and reads nothing back until :meth:`state`.
     """
 
     def __init__(self, width: int) -> None:
         self.width = width
-        self.num_tokens = 0
+        self.num_tokens = 0  # merged into the float64 state; the buffered batches are in _pending_counts
         self.num_sequences = 0
         self.mean: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
+        self._pending_counts: list[int] = []
+        self._pending_sums: Optional[torch.Tensor] = None  # [PENDING_BATCHES, width]
+        self._pending_m2: Optional[torch.Tensor] = None
 
     def add_tokens(self, x: torch.Tensor) -> None:
-        """Merge a ``[tokens, width]`` batch (left unmodified: it may be a view of the layer's input)."""
-        mean, m2 = _batch_moments(x, one_read=x.device.type != "cpu")
-        self._merge(x.shape[0], mean, m2)
+        """Add a ``[tokens, width]`` batch (left unmodified: it may be a view of the layer's input)."""
+        if x.shape[0] == 0:
+            return
+        dtype = _compute_dtype(x.dtype)
+        sums = self._pending_sums
+        if sums is None or sums.dtype != dtype or sums.device != x.device:
+            self._merge_pending()
+            # one allocation from nothing: the hooks make no tensor but these rows from a batch's values
+            self._pending_sums, self._pending_m2 = torch.empty(
+                2, PENDING_BATCHES, self.width, dtype=dtype, device=x.device
+            ).unbind()
+            sums = self._pending_sums
+        assert self._pending_m2 is not None
+        row = len(self._pending_counts)
+        _batch_moments(x, sums[row], self._pending_m2[row], one_read=x.device.type != "cpu")
+        self._pending_counts.append(x.shape[0])
+        if len(self._pending_counts) == PENDING_BATCHES:
+            self._merge_pending()
+
+    def _merge_pending(self) -> None:
+        """Merge the buffered batches into the float64 state: their joint mean and M2 (Chan et al. for many parts:
+        M2 = Σ_b M2_b + Σ_b n_b (mean_b − mean)²), then that one part into the state."""
+        if not self._pending_counts:
+            return
+        assert self._pending_sums is not None and self._pending_m2 is not None
+        parts, total = len(self._pending_counts), sum(self._pending_counts)
+        sums = self._pending_sums[:parts].double()
+        counts = _to_device(torch.tensor(self._pending_counts, dtype=torch.float64), sums.device).unsqueeze(1)
+        mean = sums.sum(dim=0) / total
+        deviations = (sums / counts - mean).square_().mul_(counts)
+        m2 = self._pending_m2[:parts].sum(dim=0, dtype=torch.float64).add_(deviations.sum(dim=0))
+        self._pending_counts = []
+        self._merge(total, mean, m2)
 
     def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Merge ``count`` tokens of per-channel ``mean`` and ``m2`` (any float dtype, converted as they are read)."""
@@ -108,28 +147,35 @@ class Moments:
         self.m2.add_(m2.to(self.m2.device)).addcmul_(delta, delta, value=previous * count / self.num_tokens)
 
     def end_batch(self, tokens: BatchTokens) -> None:
-        self.num_sequences += tokens.num_sequences  # tokens were counted when merged
+        self.num_sequences += tokens.num_sequences  # tokens are counted as they are added
 
     def unbiased_variance(self) -> torch.Tensor:
+        self._merge_pending()
         if self.m2 is None or self.num_tokens < 2:
             raise ValueError("The variance needs at least two scored tokens; the calibration set has fewer")
         return self.m2 / (self.num_tokens - 1)
 
     def root_mean_square(self) -> torch.Tensor:
         """‖X_j‖₂ / √N, from M2 + N·mean² = Σ_n X_nj²."""
+        self._merge_pending()
         if self.m2 is None or self.mean is None:
             raise ValueError("No token was scored")
         return ((self.m2 + self.num_tokens * self.mean.square()) / self.num_tokens).sqrt()
 
     def state(self) -> torch.Tensor:
-        zeros = torch.zeros(self.width, dtype=torch.float64)
-        mean = zeros if self.mean is None else self.mean.cpu()
-        m2 = zeros if self.m2 is None else self.m2.cpu()
-        return torch.cat([torch.tensor([self.num_tokens, self.num_sequences], dtype=torch.float64), mean, m2])
+        """``[num_tokens, num_sequences, mean..., M2...]`` in float64, on the statistics' device
+        (:func:`host_copies` reads many back at once)."""
+        self._merge_pending()
+        if self.mean is None or self.m2 is None:
+            return torch.cat(
+                [_counts(self.num_tokens, self.num_sequences), torch.zeros(2 * self.width, dtype=torch.float64)]
+            )
+        return torch.cat([_counts(self.num_tokens, self.num_sequences, self.mean.device), self.mean, self.m2])
 
     def load_states(self, states: Sequence[torch.Tensor]) -> None:
         """Replace the statistics by the exact merge of several :meth:`state` vectors, in order."""
         self.num_tokens, self.num_sequences, self.mean, self.m2 = 0, 0, None, None
+        self._pending_counts = []
         for state in states:
             self._merge(int(state[0]), state[2 : 2 + self.width], state[2 + self.width :])
             self.num_sequences += int(state[1])
@@ -156,8 +202,8 @@ class Saliency:
         self.num_sequences += tokens.num_sequences
 
     def state(self) -> torch.Tensor:
-        counts = torch.tensor([self.num_tokens, self.num_sequences], dtype=torch.float64)
-        return torch.cat([counts, self.total.cpu()])
+        """``[num_tokens, num_sequences, total...]`` in float64, on the statistics' device."""
+        return torch.cat([_counts(self.num_tokens, self.num_sequences, self.total.device), self.total])
 
     def load_states(self, states: Sequence[torch.Tensor]) -> None:
         self.num_tokens = int(sum(int(s[0]) for s in states))
@@ -176,8 +222,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _batch_moments(x: torch.Tensor, one_read: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and M2 of a ``[tokens, width]`` batch, in :func:`_compute_dtype` of its dtype.
+def _batch_moments(x: torch.Tensor, sum_out: torch.Tensor, m2_out: torch.Tensor, one_read: bool) -> None:
+    """Per-channel sum and M2 of a ``[tokens, width]`` batch, written into ``sum_out`` and ``m2_out`` (``[width]``,
+    in :func:`_compute_dtype` of its dtype).
 
     Both ways are centred, M2 being summed about the batch's own mean rather than taken as Σx² − N·mean², so a
     channel whose mean dwarfs its spread keeps its variance. ``one_read`` (every device but the CPU): a sum and
@@ -186,15 +233,47 @@ def _batch_moments(x: torch.Tensor, one_read: bool) -> tuple[torch.Tensor, torch
     memory traffic. The CPU's Welford over the token dimension is strided and several times slower than two
     vectorized passes over a converted batch, which it does instead.
     """
-    dtype = _compute_dtype(x.dtype)
     count = x.shape[0]
     if one_read:
-        mean = torch.sum(x, dim=0, dtype=dtype).div_(count)
+        torch.sum(x, dim=0, dtype=sum_out.dtype, out=sum_out)
         # correction count - 1: var divides Welford's M2 by 1, i.e. returns M2; out= sets the dtype it accumulates in
-        return mean, torch.var(x, dim=0, correction=count - 1, out=torch.empty_like(mean))
-    x = x.to(dtype)
-    mean = x.mean(dim=0)
-    return mean, (x - mean).square_().sum(dim=0)
+        torch.var(x, dim=0, correction=count - 1, out=m2_out)
+        return
+    x = x.to(sum_out.dtype)
+    torch.sum(x, dim=0, out=sum_out)
+    torch.sum((x - sum_out / count).square_(), dim=0, out=m2_out)
+
+
+def _counts(num_tokens: int, num_sequences: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    counts = torch.tensor([num_tokens, num_sequences], dtype=torch.float64)
+    return counts if device is None else _to_device(counts, device)
+
+
+def host_copies(tensors: Sequence[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+    """``tensors`` (``None`` kept) on the host, read back in one copy per device.
+
+    Each read from a GPU makes the host wait for it: reading a model's few hundred statistic vectors one by one
+    cost a 1B model's scoring pass as much as a forward's worth of batches' reductions.
+    """
+    copies = list(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, tensor in enumerate(copies):
+        if tensor is not None and tensor.device.type != "cpu":
+            by_device.setdefault(tensor.device, []).append(i)
+    for indices in by_device.values():
+        parts = [copies[i] for i in indices]
+        flat = torch.cat([part.reshape(-1) for part in parts]).cpu()  # type: ignore[union-attr]
+        for i, part, copy in zip(indices, parts, flat.split([part.numel() for part in parts])):  # type: ignore
+            copies[i] = copy.view(part.shape)  # type: ignore[union-attr]
+    return copies
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait: a copy from pageable memory to a CUDA device
+    first waits for everything queued on the stream, one from pinned memory is queued like a kernel."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 class OutputProjection:
@@ -211,10 +290,11 @@ class OutputProjection:
         self.width = int(weight.shape[1])
         self.accumulator: Accumulator = Saliency(self.width) if method == "snip" else Moments(self.width)
         self.weight_statistic: Optional[torch.Tensor] = None  # snip: the weights enter the saliency sums
+        # norms accumulated in float64 as the weight is read, once: no float64 copy of it
         if method == "variance":
-            self.weight_statistic = weight.double().square().sum(dim=0)  # ‖W_{:,j}‖²
+            self.weight_statistic = torch.linalg.vector_norm(weight, dim=0, dtype=torch.float64).square_()  # ‖W_{:,j}‖²
         elif method == "wanda":
-            self.weight_statistic = weight.double().abs().sum(dim=0)  # Σ_i |W_ij|
+            self.weight_statistic = torch.linalg.vector_norm(weight, ord=1, dim=0, dtype=torch.float64)  # Σ_i |W_ij|
         self._handle: Optional[torch.utils.hooks.RemovableHandle] = None
 
     def register(self, tokens: BatchTokens) -> None:
@@ -228,11 +308,10 @@ class OutputProjection:
             self._handle.remove()
             self._handle = None
 
-    def check_finite(self) -> None:
-        """Raise if NaN/inf reached the statistics, naming the projection: its scores would be meaningless."""
-        values = [self.accumulator.state()]
-        if self.weight_statistic is not None:
-            values.append(self.weight_statistic)
+    def check_finite(self, state: torch.Tensor, weight_statistic: Optional[torch.Tensor]) -> None:
+        """Raise if NaN/inf reached the statistics (read back: :meth:`Moments.state` and the weight statistic),
+        naming the projection: its scores would be meaningless."""
+        values = [state] if weight_statistic is None else [state, weight_statistic]
         if not all(torch.isfinite(v).all() for v in values):
             raise ValueError(
                 f"Non-finite (NaN/inf) {'gradients' if self.method == 'snip' else 'activations'} at the input of "
@@ -347,7 +426,7 @@ def merge_across_ranks(accumulators: Sequence[Accumulator]) -> None:
     dist = torch.distributed
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     states = [a.state() for a in accumulators]
-    local = torch.cat(states).to(device)
+    local = torch.cat([state.to(device) for state in states])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     sizes = [s.numel() for s in states]

@@ -9,7 +9,7 @@ jobs. Both take the same options, declared once in :class:`ScoringOptions`. The 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal, Optional
 
@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 from ..chat import input_device
 from ..quantization import disable_cpu_4bit_repacking
 from ..units import ArchitectureSpec, resolve_architecture
-from .accumulators import BatchTokens, attach_projections, distributed_run, merge_across_ranks, snip_backward
+from .accumulators import (
+    BatchTokens,
+    attach_projections,
+    distributed_run,
+    host_copies,
+    merge_across_ranks,
+    snip_backward,
+)
 from .results import UnitScores, UnitStatistics, group_by_block, model_fingerprint, model_weights_hash
 
 ScoringMethod = Literal["variance", "wanda", "snip"]
@@ -127,6 +134,47 @@ def unit_statistics(model: nn.Module, dataloader: Iterable[Batch], **options: An
     return _statistics_pass(model, dataloader, ScoringOptions.of("unit_statistics", options), hash_weights=True)
 
 
+def _prepared_batches(
+    dataloader: Iterable[Batch], prepare_model_inputs_fn: PrepareModelInputsFn, device: torch.device
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """Each batch's model inputs on ``device`` and its mask of tokens to score, on the host for a CUDA mask.
+
+    The hooks need the mask's values on the host before the batch's forward (:class:`BatchTokens`). Reading a
+    mask back from a GPU waits for everything queued before it, so each batch is prepared one batch ahead: its
+    mask is copied back while the forward before it is still queued, and reading it waits only for the forward
+    before that one. The GPU never runs dry between batches.
+    """
+    pending = None
+    for batch in dataloader:
+        inputs, mask = prepare_model_inputs_fn(batch)
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        upcoming = (inputs, *_copy_to_host(mask))
+        if pending is not None:
+            yield _when_copied(*pending)
+        pending = upcoming
+    if pending is not None:
+        yield _when_copied(*pending)
+
+
+def _copy_to_host(mask: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+    """Queue the copy of a CUDA ``mask`` into pinned host memory; the event marks its end."""
+    if mask.device.type != "cuda":
+        return mask, None
+    host = torch.empty(mask.shape, dtype=mask.dtype, pin_memory=True)
+    host.copy_(mask, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(mask.device))
+    return host, copied
+
+
+def _when_copied(
+    inputs: dict[str, Any], mask: torch.Tensor, copied: Optional[torch.cuda.Event]
+) -> tuple[dict[str, Any], torch.Tensor]:
+    if copied is not None:
+        copied.synchronize()
+    return inputs, mask
+
+
 def _statistics_pass(
     model: nn.Module, dataloader: Iterable[Batch], options: ScoringOptions, hash_weights: bool
 ) -> UnitStatistics:
@@ -136,17 +184,17 @@ def _statistics_pass(
     disable_cpu_4bit_repacking(model)  # before any forward: dense_weight must dequantize the standard layout
     projections = attach_projections(model, spec, method)
     weights_sha256 = model_weights_hash(model) if hash_weights else None
-    training_states = {module: module.training for module in model.modules()}
-    model.eval()
+    in_training = [module for module in model.modules() if module.training]  # restored afterwards
+    if in_training:
+        model.eval()
     batch_tokens = BatchTokens(targets_only=method == "snip")
     for projection in projections:
         projection.register(batch_tokens)
     try:
         device = input_device(model)
         progress = tqdm(dataloader, desc=f"Scoring units ({method})", disable=not options.show_progress_bar)
-        for batch_index, batch in enumerate(progress):
-            inputs, mask = options.prepare_model_inputs_fn(batch)
-            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        prepared = _prepared_batches(progress, options.prepare_model_inputs_fn, device)
+        for batch_index, (inputs, mask) in enumerate(prepared):
             batch_tokens.set(mask, batch_index)
             if method == "snip":
                 snip_backward(model, options.forward_fn, inputs, batch_tokens, batch_index)
@@ -158,18 +206,19 @@ def _statistics_pass(
     finally:
         for projection in projections:
             projection.remove()
-        for module, training in training_states.items():
-            module.training = training
+        for module in in_training:
+            module.training = True
     if options.gather_distributed_inputs and distributed_run():
         merge_across_ranks([p.accumulator for p in projections])
-    for projection in projections:
-        projection.check_finite()
+    states = host_copies([p.accumulator.state() for p in projections])
+    weights = host_copies([p.weight_statistic for p in projections])
+    for projection, state, weight in zip(projections, states, weights):
+        assert state is not None
+        projection.check_finite(state, weight)
     return UnitStatistics(
         method=method,
-        states=group_by_block((p.kind, p.layer, p.accumulator.state()) for p in projections),
-        weight_statistics=group_by_block(
-            (p.kind, p.layer, p.weight_statistic.cpu()) for p in projections if p.weight_statistic is not None
-        ),
+        states=group_by_block((p.kind, p.layer, s) for p, s in zip(projections, states) if s is not None),
+        weight_statistics=group_by_block((p.kind, p.layer, w) for p, w in zip(projections, weights) if w is not None),
         fingerprint=fingerprint,
         metadata=dict(options.metadata or {}),
         weights_sha256=weights_sha256,
