@@ -38,12 +38,14 @@ from ssah_peft.experiments.frontier import (
     CHOOSERS,
     RIVAL_CONTROLS,
     SETTINGS,
+    VARIANTS,
     FrontierRun,
     frontier_markdown,
     frontier_points,
     frontier_row,
     frontier_runs,
     plot_frontier,
+    standardized,
     write_rows,
 )
 from ssah_peft.experiments.measures import unit_map_of
@@ -62,7 +64,7 @@ def cached_results(root: Path, seeds: list[int]) -> dict[FrontierRun, dict]:
     """The result of every run of the whole sweep at ``seeds`` (and 0, 1, 2), with the rival scorers' own random
     controls, that is cached under ``root``: what the tables show, whichever slice this invocation runs."""
     results = {}
-    for run in frontier_runs(choosers=CHOOSERS + RIVAL_CONTROLS, seeds=sorted({0, 1, 2, *seeds})):
+    for run in frontier_runs(choosers=CHOOSERS + RIVAL_CONTROLS + VARIANTS, seeds=sorted({0, 1, 2, *seeds})):
         path = run.run_dir(root) / "result.json"
         if path.is_file():
             results[run] = json.loads(path.read_text(encoding="utf-8"))
@@ -146,7 +148,8 @@ def main() -> int:
         write_results(args, 0.0)
         return 0
     maps = {"variance": UnitMap.load(variance_map)}
-    for scorer in sorted({run.scorer for run in runs} - {None, "variance"}):
+    maps["variance_std"] = standardized(maps["variance"])
+    for scorer in sorted({run.scorer for run in runs} - {None, *maps}):
         print(f"[frontier] {scorer} unit map of the aligned model", file=sys.stderr, flush=True)
         maps[scorer] = cached_artifact(
             args.out / "maps" / f"unitmap_{scorer}.safetensors",

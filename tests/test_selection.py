@@ -11,7 +11,9 @@ from conftest import tiny_chat_llama, tiny_tokenizer
 
 from ssah_peft import UnitMap, build_calibration_batches, score_units
 from ssah_peft.analysis import random_units_like
+from ssah_peft.analysis.scan import scores_of
 from ssah_peft.experiments import RANDOM_CONTROLS, DemoConfig, budget_selector, method_named, random_like
+from ssah_peft.experiments.frontier import protection_selector, standardized
 from ssah_peft.experiments.measures import unit_map_of
 from ssah_peft.experiments.stability import stability_table
 from ssah_peft.unit_map import choose_units, counts_per_block, random_units_with_counts, unit_widths
@@ -221,3 +223,33 @@ def test_stability_compares_disjoint_halves_and_scorers_on_a_tiny_model(setup, t
     table.save(tmp_path / "stability.json")
     assert type(table).load(tmp_path / "stability.json") == table
     assert "| calibration halves (variance) |" in table.markdown()
+
+
+def test_the_standardized_ssah_variant_reclassifies_the_same_scores_with_its_own_random_control(setup):
+    *_, maps = setup
+    raw = maps["variance"]
+    unit_map = standardized(raw)
+    assert unit_map.settings == {**raw.settings, "standardize": True}
+    assert unit_map.composite_fraction == raw.composite_fraction
+    for kind in raw.kinds:
+        assert all(torch.equal(a, b) for a, b in zip(unit_map.safety_scores[kind], raw.safety_scores[kind]))
+    # z-scored per block: the SCU of a block with ten times larger scores are the same units as before scaling it
+    assert unit_map.units_of("SCU") == standardized(scaled_block(raw, layer=0, kind="mlp", factor=10.0)).units_of("SCU")
+    for budget in (0.1, 0.3):
+        chosen = protection_selector("ssah_std", budget, seed=0)(unit_map)
+        assert chosen == choose_units(unit_map, budget, "protect", rule="types")
+        control = protection_selector("random_ssah_std", budget, seed=1)(unit_map)
+        assert counts_per_block(control) == counts_per_block(chosen)
+        assert control == protection_selector("random_ssah_std", budget, seed=1)(unit_map)
+        assert control != protection_selector("random_ssah_std", budget, seed=2)(unit_map)
+
+
+def scaled_block(unit_map: UnitMap, layer: int, kind: str, factor: float) -> UnitMap:
+    """``unit_map`` classified from its scores with one block's safety and utility scores multiplied by ``factor``."""
+    safety, utility = scores_of(unit_map)
+    for scores in (safety, utility):
+        per_layer = list(scores.scores[kind])
+        per_layer[layer] = per_layer[layer] * factor
+        scores.scores[kind] = tuple(per_layer)
+    settings = {name: unit_map.settings[name] for name in ("scu", "ucu", "ru", "ranking")}
+    return UnitMap.from_scores(safety, utility, **settings, composite_fraction=unit_map.composite_fraction)

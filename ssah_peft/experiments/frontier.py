@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from ..analysis.scan import scores_of
 from ..evaluate import format_rate, mean_sd, wilson_interval
+from ..unit_map import UnitMap
 from .measures import rate_counts
 from .methods import (
     FULL,
@@ -52,7 +54,11 @@ CHOOSERS: tuple[str, ...] = ("ssah", "wanda", "snip", "random")
 RIVAL_CONTROLS: tuple[str, ...] = ("random_wanda", "random_snip")
 #: How the chosen units are frozen (module docstring).
 SETTINGS: tuple[str, ...] = ("protect", "dense")
-#: The scorer whose map each chooser reads.
+#: Attempts at a better SSAH choice, outside the default sweep, each with random units of its own per-layer counts:
+#: ``ssah_std`` ranks I_S and I_U z-scored within each layer and block kind (FLAP's standardisation: layers with
+#: large activations no longer take most of a global budget).
+VARIANTS: tuple[str, ...] = ("ssah_std", "random_ssah_std")
+#: The scorer whose map each chooser reads (``variance_std``: the variance map reclassified, :func:`standardized`).
 CHOOSER_SCORERS: dict[str, str] = {
     "ssah": "variance",
     "wanda": "wanda",
@@ -60,14 +66,26 @@ CHOOSER_SCORERS: dict[str, str] = {
     "random": "variance",
     "random_wanda": "wanda",
     "random_snip": "snip",
+    "ssah_std": "variance_std",
+    "random_ssah_std": "variance_std",
 }
+
+
+def standardized(unit_map: UnitMap) -> UnitMap:
+    """``unit_map`` classified again from its own scores with I_S and I_U z-scored per layer and block kind."""
+    return UnitMap.from_scores(
+        *scores_of(unit_map),
+        **{name: unit_map.settings[name] for name in ("scu", "ucu", "ru", "ranking")},
+        standardize=True,
+        composite_fraction=unit_map.composite_fraction,
+    )
 
 
 def protection_selector(chooser: str, budget: float, seed: int) -> UnitSelector:
     """The units ``chooser`` freezes at ``budget`` (a share of all units, global ranking as in the paper)."""
     if chooser not in CHOOSER_SCORERS:
         raise ValueError(f"Unknown chooser {chooser!r}; known: {', '.join(CHOOSER_SCORERS)}")
-    controlled = chooser.removeprefix("random_") if chooser in RIVAL_CONTROLS else chooser
+    controlled = chooser.removeprefix("random_") if chooser in RIVAL_CONTROLS + VARIANTS else chooser
     if controlled in ("wanda", "snip"):
         chosen = budget_selector(budget, "protect", rule="difference", scorer=controlled)
     else:
