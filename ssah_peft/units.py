@@ -114,13 +114,19 @@ class ArchitectureSpec:
         return re.compile(rf"(?:^|.*\.){re.escape(self.layers)}\.(\d+)\.{re.escape(relative_module)}$")
 
     def output_projections(self, model: Any) -> Iterator[tuple[str, int, str, Any]]:
-        """``(kind, layer, full name, module)`` of every block's output projection in ``model``."""
-        for kind, block in self.blocks.items():
-            pattern = self.layer_pattern(block.out_proj)
-            for name, module in model.named_modules():
-                match = pattern.fullmatch(name)
+        """``(kind, layer, full name, module)`` of every block's output projection in ``model``, kind by kind.
+
+        One walk over the model's modules for all kinds: a scoring pass looks them up twice, and each walk of a
+        large model costs the host more than a batch's statistics cost the GPU."""
+        found: dict[str, list[tuple[str, int, str, Any]]] = {kind: [] for kind in self.blocks}
+        patterns = {kind: (block.out_proj, self.layer_pattern(block.out_proj)) for kind, block in self.blocks.items()}
+        for name, module in model.named_modules():
+            for kind, (suffix, pattern) in patterns.items():
+                match = pattern.fullmatch(name) if name.endswith(suffix) else None
                 if match is not None:
-                    yield kind, int(match.group(1)), name, module
+                    found[kind].append((kind, int(match.group(1)), name, module))
+        for projections in found.values():
+            yield from projections
 
     def modules(self, kind: str) -> tuple[str, ...]:
         block = self.blocks[kind]
