@@ -84,7 +84,8 @@ def write_results(args, seconds: float) -> None:
     lines = [
         "# Protection frontier",
         "",
-        f"Command: `{args.command}`",
+        "Command: `python benchmarks/frontier.py` (resumable; slices by `--seeds/--choosers/--settings/--attacks/"
+        f"--budgets`). These tables cover every cached run; the last invocation was `{args.command}`.",
         "",
         f"Runs: {len(rows)} of {len(frontier_runs())}; training and evaluation of those runs: {compute / 60:.1f} min "
         f"(the last invocation: {seconds / 60:.1f} min wall, on {torch.get_num_threads()} threads).",
