@@ -90,6 +90,12 @@ def read_json(path: Union[str, Path]) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def differing_keys(pinned: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
+    """The keys whose values differ between two settings files (missing on one side counts), sorted: what an
+    error about a run folder of other settings names."""
+    return sorted(key for key in pinned.keys() | found.keys() if pinned.get(key) != found.get(key))
+
+
 def write_atomic(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, then remove temporary files that killed saves of ``path`` left."""
     path = Path(path)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from .._files import differing_keys
 from ..evaluate import write_generations
 from .config import DemoConfig
 
@@ -65,9 +66,9 @@ def check_run_dir(config: DemoConfig) -> None:
     if path.is_file():
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous != settings:
-            changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
             raise ValueError(
-                f"{config.run_dir} holds results of other settings ({', '.join(changed)} differ); "
+                f"{config.run_dir} holds results of other settings "
+                f"({', '.join(differing_keys(settings, previous))} differ); "
                 "use another --run-dir or delete it"
             )
     else:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from .._files import read_json, write_json
+from .._files import differing_keys, read_json, write_json
 from ..chat import NO_TEMPLATE_ADVICE
 from ..data import BUILTIN_DATASETS, load_builtin
 from ..evaluate import write_generations
@@ -277,10 +277,9 @@ def check_run_dir(out: Path, pinned: dict[str, Any], resume: bool) -> None:
     if settings.is_file():
         previous = read_json(settings)
         if previous != pinned:
-            changed = sorted(k for k in pinned.keys() | previous.keys() if pinned.get(k) != previous.get(k))
             raise ValueError(
-                f"{out} holds a run of other settings ({', '.join(changed)} differ); choose another output folder "
-                "or delete it"
+                f"{out} holds a run of other settings ({', '.join(differing_keys(pinned, previous))} differ); "
+                "choose another output folder or delete it"
             )
         if not resume:
             raise ValueError(f"{out} already holds a run of these settings; pass --resume to continue it")
