@@ -77,6 +77,7 @@ def write_results(args, seconds: float) -> None:
     if not results:
         return
     rows = [frontier_row(run, result) for run, result in results.items()]
+    default = set(frontier_runs()) & set(results)
     write_rows(rows, args.results / "results.csv")
     plot_frontier(frontier_points(rows), args.results / "frontier.png", title="attack:")
     compute = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
@@ -87,8 +88,13 @@ def write_results(args, seconds: float) -> None:
         "Command: `python benchmarks/frontier.py` (resumable; slices by `--seeds/--choosers/--settings/--attacks/"
         f"--budgets`). These tables cover every cached run; the last invocation was `{args.command}`.",
         "",
-        f"Runs: {len(rows)} of {len(frontier_runs())}; training and evaluation of those runs: {compute / 60:.1f} min "
-        f"(the last invocation: {seconds / 60:.1f} min wall, on {torch.get_num_threads()} threads).",
+        f"Runs: {len(default)} of the default sweep's {len(frontier_runs())}, and {len(rows) - len(default)} "
+        f"outside it (rival controls, variants); training and evaluation of those runs: {compute / 60:.1f} min"
+        + (
+            f" (the last invocation: {seconds / 60:.1f} min wall, on {torch.get_num_threads()} threads)."
+            if seconds
+            else "."
+        ),
         "",
         "The aligned model before any attack (the demo's `ssah_select` alignment): "
         f"ASR {aligned['metrics']['asr']:.3f}, task accuracy {aligned['metrics']['task_accuracy']:.3f}. "
