@@ -183,3 +183,16 @@ def scores_of(unit_map: UnitMap) -> tuple[UnitScores, UnitScores]:
         )
         for name, per_block in (("safety", unit_map.safety_scores), ("utility", unit_map.utility_scores))
     )
+
+
+def reclassified(unit_map: UnitMap, **changes: Any) -> UnitMap:
+    """``unit_map`` classified again from its own scores, its settings (``scu``, ``ucu``, ``ru``, ``standardize``,
+    ``ranking``, ``composite_fraction``) as they are except ``changes``; calibration and metadata kept."""
+    settings = {name: unit_map.settings[name] for name in ("scu", "ucu", "ru", "standardize", "ranking")}
+    settings["composite_fraction"] = unit_map.composite_fraction
+    unknown = sorted(set(changes) - set(settings))
+    if unknown:
+        raise TypeError(f"reclassified() got settings it does not know: {unknown}; it takes {sorted(settings)}")
+    result = UnitMap.from_scores(*scores_of(unit_map), **{**settings, **changes})
+    result.calibration, result.metadata = unit_map.calibration, unit_map.metadata
+    return result

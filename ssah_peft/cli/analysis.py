@@ -15,7 +15,15 @@ from ..analysis.ablation import AblationTable, ablation_table
 from ..analysis.figures import plot_ablation, plot_probe, plot_scan
 from ..analysis.probe import ProbeResult, probe_reasoning_direction
 from ..analysis.report import build_report
-from ..analysis.scan import CRITERIA, DEFAULT_FRACTIONS, ScanResult, cheap_metrics, degradation_scan, scores_of
+from ..analysis.scan import (
+    CRITERIA,
+    DEFAULT_FRACTIONS,
+    ScanResult,
+    cheap_metrics,
+    degradation_scan,
+    reclassified,
+    scores_of,
+)
 from ..evaluate import GenerationSettings
 from ..models import EMBEDDED_MODELS
 from ..unit_map import UnitMap
@@ -223,18 +231,9 @@ def _scan(args: argparse.Namespace) -> int:
         results.append(result)
     print(f"wrote {plot_scan(results, args.out_dir / 'scan.png')}")
     if args.out_map:
-        sizes = {**{k: unit_map.settings[k] for k in ("scu", "ucu", "ru")}, **chosen}
-        reclassified = UnitMap.from_scores(
-            safety,
-            utility,
-            **sizes,
-            standardize=unit_map.settings["standardize"],
-            ranking=unit_map.settings["ranking"],
-            composite_fraction=unit_map.composite_fraction,
-        )
-        reclassified.calibration, reclassified.metadata = unit_map.calibration, unit_map.metadata
-        reclassified.save(args.out_map)
-        print(reclassified.summary())
+        rescanned = reclassified(unit_map, **chosen)
+        rescanned.save(args.out_map)
+        print(rescanned.summary())
         print(f"wrote {args.out_map}")
     return 0
 

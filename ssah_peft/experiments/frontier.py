@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from ..analysis.scan import scores_of
+from ..analysis.scan import reclassified
 from ..evaluate import format_rate, mean_sd, wilson_interval
 from ..unit_map import UnitMap
 from .measures import rate_counts
@@ -73,12 +73,7 @@ CHOOSER_SCORERS: dict[str, str] = {
 
 def standardized(unit_map: UnitMap) -> UnitMap:
     """``unit_map`` classified again from its own scores with I_S and I_U z-scored per layer and block kind."""
-    return UnitMap.from_scores(
-        *scores_of(unit_map),
-        **{name: unit_map.settings[name] for name in ("scu", "ucu", "ru", "ranking")},
-        standardize=True,
-        composite_fraction=unit_map.composite_fraction,
-    )
+    return reclassified(unit_map, standardize=True)
 
 
 def protection_selector(chooser: str, budget: float, seed: int) -> UnitSelector:

@@ -256,15 +256,14 @@ def host_copies(tensors: Sequence[Optional[torch.Tensor]]) -> list[Optional[torc
     cost a 1B model's scoring pass as much as a forward's worth of batches' reductions.
     """
     copies = list(tensors)
-    by_device: dict[torch.device, list[int]] = {}
+    by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
     for i, tensor in enumerate(copies):
         if tensor is not None and tensor.device.type != "cpu":
-            by_device.setdefault(tensor.device, []).append(i)
-    for indices in by_device.values():
-        parts = [copies[i] for i in indices]
-        flat = torch.cat([part.reshape(-1) for part in parts]).cpu()  # type: ignore[union-attr]
-        for i, part, copy in zip(indices, parts, flat.split([part.numel() for part in parts])):  # type: ignore
-            copies[i] = copy.view(part.shape)  # type: ignore[union-attr]
+            by_device.setdefault(tensor.device, []).append((i, tensor))
+    for parts in by_device.values():
+        flat = torch.cat([tensor.reshape(-1) for _, tensor in parts]).cpu()
+        for (i, tensor), copy in zip(parts, flat.split([tensor.numel() for _, tensor in parts])):
+            copies[i] = copy.view(tensor.shape)
     return copies
 
 

@@ -210,8 +210,9 @@ def _statistics_pass(
             module.training = True
     if options.gather_distributed_inputs and distributed_run():
         merge_across_ranks([p.accumulator for p in projections])
-    states = host_copies([p.accumulator.state() for p in projections])
-    weights = host_copies([p.weight_statistic for p in projections])
+    # every statistic read back in one copy: one wait for the device
+    read_back = host_copies([p.accumulator.state() for p in projections] + [p.weight_statistic for p in projections])
+    states, weights = read_back[: len(projections)], read_back[len(projections) :]
     for projection, state, weight in zip(projections, states, weights):
         assert state is not None
         projection.check_finite(state, weight)
