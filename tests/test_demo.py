@@ -58,6 +58,7 @@ def demo_run(tmp_path_factory):
         task_prompts=2,
         perplexity_texts=2,
         max_new_tokens=4,
+        attacks=list(ATTACK_SETS),
         show_progress=False,
     )
     calls: list = []
@@ -78,7 +79,8 @@ def test_every_stage_writes_its_outputs(demo_run):
     assert ablation["rows"][1]["num_units"] == ablation["rows"][2]["num_units"] > 0  # the random control's size
     for method in ("lora", "ssah_select"):
         assert (run / "align" / method / "adapter" / "adapter_model.safetensors").is_file()
-    for data in ATTACK_SETS:
+    assert config.attacks == list(ATTACK_SETS)  # both attack sets go through the pipeline
+    for data in config.attacks:
         for method in ATTACK_METHODS:
             result = json.loads((run / "attack" / data / method.name / "result.json").read_text())
             assert 0.0 <= result["metrics"]["asr"] <= 1.0 and result["trainable_parameters"] > 0
@@ -104,12 +106,12 @@ def test_sparse_methods_train_fewer_parameters_than_full_finetuning(demo_run):
 
 
 def test_report_table_has_every_run(demo_run):
-    _, report, _ = demo_run
+    config, report, _ = demo_run
     text = report.read_text()
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| stage |")) + 2
     rows = lines[start : next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))]
-    assert len(rows) == 1 + len(ALIGN_METHODS) + len(ATTACK_SETS) * len(ATTACK_METHODS)
+    assert len(rows) == 1 + len(ALIGN_METHODS) + len(config.attacks) * len(ATTACK_METHODS)
     for method in (*ALIGN_METHODS, *ATTACK_METHODS):
         assert any(f"| {method.name} |" in row for row in rows)
     assert "`pytest demo`" in text and "unitmap_aligned.png" in text
@@ -119,7 +121,7 @@ def test_report_table_has_every_run(demo_run):
 
 def test_every_ssah_run_has_a_random_control_of_the_same_counts_per_layer_and_kind(demo_run):
     config, report, _ = demo_run
-    runs = [config.run_dir / "align"] + [config.run_dir / "attack" / data for data in ATTACK_SETS]
+    runs = [config.run_dir / "align"] + [config.run_dir / "attack" / data for data in config.attacks]
     for run in runs:
         for name, control in RANDOM_CONTROLS.items():
             if not (run / name).is_dir():
@@ -130,7 +132,7 @@ def test_every_ssah_run_has_a_random_control_of_the_same_counts_per_layer_and_ki
                 n for blocks in method["unit_counts"].values() for n in blocks.values()
             )
     assert (config.run_dir / "align" / "ssah_select_random").is_dir()
-    assert all((config.run_dir / "attack" / d / "ssah_protect_all_cu_random").is_dir() for d in ATTACK_SETS)
+    assert all((config.run_dir / "attack" / d / "ssah_protect_all_cu_random").is_dir() for d in config.attacks)
     rows = [line for line in report.read_text().splitlines() if line.startswith("| ")]
     for control in RANDOM_CONTROLS.values():
         assert any(f"| {control.name} |" in row for row in rows)
@@ -194,6 +196,20 @@ def test_a_resumed_run_reproduces_the_uninterrupted_one(demo_run, tmp_path):
         assert results[0]["metrics"] == results[1]["metrics"]
 
 
+def test_a_run_dir_resumes_with_fewer_attacks_and_reports_only_those(demo_run, tmp_path):
+    config, _, calls = demo_run
+    fewer = replace(config, run_dir=tmp_path / "run", attacks=["task"])
+    shutil.copytree(config.run_dir, fewer.run_dir)
+    loads_before = len(calls)
+    rows = [
+        line
+        for line in run_demo(fewer, load_base=tiny_loader(calls)).read_text().splitlines()
+        if line.startswith("| 4 attack |")
+    ]
+    assert len(calls) == loads_before
+    assert len(rows) == len(ATTACK_METHODS) and all("| task |" in row for row in rows)
+
+
 def test_other_settings_in_the_same_run_dir_are_refused(demo_run):
     config, _, calls = demo_run
     with pytest.raises(ValueError, match="align_steps"):
@@ -215,6 +231,39 @@ def test_demo_is_a_subcommand_of_the_cli():
 
     args = build_parser().parse_args(["demo", "--quick", "--run-dir", "somewhere", "--threads", "1"])
     assert args.handler is run_demo_command and args.quick and str(args.run_dir) == "somewhere" and args.threads == 1
+    assert args.attacks is None and DemoConfig.full().attacks == ["task"]
+    args = build_parser().parse_args(["demo", "--attacks", "task", "identity_shift"])
+    assert args.attacks == ["task", "identity_shift"]
+
+
+def test_the_demo_command_runs_the_migrations_of_the_attacks_it_runs(tmp_path, monkeypatch):
+    from ssah_peft.cli import build_parser
+    from ssah_peft.cli import demo as demo_cli
+
+    configs = []
+    report = tmp_path / "report.md"
+    report.write_text("the report")
+    monkeypatch.setattr(demo_cli, "run_demo", lambda config, command: configs.append(config) or report)
+    for attacks in (["identity_shift"], ["identity_shift", "task", "task"]):
+        run_dir = str(tmp_path / attacks[-1])
+        args = build_parser().parse_args(["demo", "--quick", "--run-dir", run_dir, "--attacks", *attacks])
+        assert demo_cli.run_demo_command(args) == 0
+    assert [c.attacks for c in configs] == [["identity_shift"], ["identity_shift", "task"]]
+    assert configs[0].migration_runs == [] and configs[1].migration_runs == DemoConfig.quick().migration_runs
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"attacks": []}, "attacks"),
+        ({"attacks": ["task", "jailbreak"]}, "jailbreak"),
+        ({"attacks": ["task", "task"]}, "distinct"),
+        ({"attacks": ["identity_shift"]}, "task/full"),
+    ],
+)
+def test_settings_that_cannot_run_are_refused_when_made(settings, named):
+    with pytest.raises(ValueError, match=named):
+        DemoConfig.quick(**settings)
 
 
 def test_one_scoring_pass_gives_the_full_half_and_wanda_maps_of_separate_passes(tmp_path):
@@ -277,7 +326,7 @@ def test_report_draws_the_demo_runs_as_a_protection_frontier(demo_run):
     assert (config.run_dir / "attack" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     attack = {
         f"{data}/{m.name}": json.loads((config.run_dir / "attack" / data / m.name / "result.json").read_text())
-        for data in ATTACK_SETS
+        for data in config.attacks
         for m in ATTACK_METHODS
     }
     unit_map = UnitMap.load(config.run_dir / "units" / "unitmap_aligned.safetensors")

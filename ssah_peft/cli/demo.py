@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..experiments import DemoConfig, check_run_dir, run_demo
+from ..experiments import ATTACK_SETS, DemoConfig, check_run_dir, run_demo
 from ..models import DEFAULT_MODEL
 from .errors import user_errors
 from .model_options import check_model_source
@@ -30,6 +30,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         help="where stages cache their results (default: runs/demo, or runs/demo-quick with --quick)",
     )
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model to align and attack (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--attacks",
+        nargs="+",
+        choices=ATTACK_SETS,
+        help="benign fine-tuning attacks of stage 4 (default: task; identity_shift adds about 7 minutes)",
+    )
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -52,6 +58,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     preset = DemoConfig.quick if args.quick else DemoConfig.full
     config = preset(**({"run_dir": args.run_dir} if args.run_dir else {}))
+    if args.attacks:  # the migration runs of the attacks that run
+        attacks = list(dict.fromkeys(args.attacks))
+        migration_runs = [key for key in config.migration_runs if key.split("/")[0] in attacks]
+        config = replace(config, attacks=attacks, migration_runs=migration_runs)
     check_output_dir(config.run_dir, "--run-dir")
     check_model_source(args.model, embedded=EMBEDDED_MODELS)
     if args.threads:
@@ -65,6 +75,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
         str(config.run_dir),
         "--model",
         config.model,
+        *(["--attacks", *config.attacks] if args.attacks else []),
         *(["--threads", str(args.threads)] if args.threads else []),
     ]
     command = f"{args.program} {shlex.join(options)}"

@@ -18,8 +18,8 @@
 """
 
 from .caching import cached_artifact, cached_result, check_run_dir
-from .config import DemoConfig
-from .data import ATTACK_SETS, alignment_records, attack_records, spread, utility_split
+from .config import ATTACK_SETS, DemoConfig
+from .data import alignment_records, attack_records, spread, utility_split
 from .demo import run_demo
 from .finetuning import finetune, merged_model, sft_dataset
 from .measures import evaluate_model, unit_map_of

@@ -17,6 +17,10 @@ from typing import Any
 from ..models import DEFAULT_MODEL
 from ..unit_map import DEFAULT_PROPORTIONS
 
+#: The benign fine-tuning attacks an experiment can run: the exact-match task, and the identity-shifting set
+#: (Qi et al. 2023).
+ATTACK_SETS: tuple[str, ...] = ("task", "identity_shift")
+
 
 @dataclass
 class DemoConfig:
@@ -62,6 +66,11 @@ class DemoConfig:
     """CU frozen besides the SCU in the "SCU + top CU" protect run (the paper's 6%)."""
     aligned_method: str = "ssah_select"
     """The alignment run whose model becomes the base of stages 3 and 4."""
+    attacks: list[str] = field(default_factory=lambda: ["task"])
+    """The attack sets of stage 4 (:data:`ATTACK_SETS`). The identity-shifting attack is not in the default demo:
+    its six runs took 7 of the demo's 23 minutes (about 11 on CPUs without AVX-512, past the demo's 30-minute
+    budget), and ``benchmarks/frontier.py`` runs it at every budget with three seeds; ``--attacks task
+    identity_shift`` adds it."""
     migration_runs: list[str] = field(default_factory=lambda: ["task/full", "task/ssah_protect_all_cu"])
     """Attack runs (``data/method``) whose models are scored again: the unit types of the aligned model before and
     after the attack, the paper's attribute migration (Fig. 5)."""
@@ -82,6 +91,14 @@ class DemoConfig:
     """Prompts per generation batch; the evaluation generates its harmful, over-refusal and task prompts in one
     call (:func:`ssah_peft.evaluate.generate_together`), so 36 + 18 + 36 share every decoding step."""
     show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.attacks if name not in ATTACK_SETS]
+        if unknown or not self.attacks or len(set(self.attacks)) < len(self.attacks):
+            raise ValueError(f"attacks must be distinct names of {ATTACK_SETS}, got {self.attacks}")
+        not_run = [key for key in self.migration_runs if key.split("/")[0] not in self.attacks]
+        if not_run:
+            raise ValueError(f"migration_runs {not_run} name attacks that do not run (attacks: {self.attacks})")
 
     @classmethod
     def full(cls, run_dir: Path = Path("runs/demo"), **overrides: Any) -> DemoConfig:
@@ -121,7 +138,9 @@ class DemoConfig:
         return {"scu": 0.0, "ucu": 0.0, "ru": self.redundant_fraction}
 
     def to_json(self) -> dict[str, Any]:
-        """The settings that determine results (``run_dir`` and ``show_progress`` do not)."""
+        """The settings that determine results. ``run_dir`` and ``show_progress`` do not, nor ``attacks``: it only
+        says which attack runs happen, each in a directory of its own, so a run directory resumes with more or
+        fewer of them."""
         settings = asdict(self)
-        del settings["run_dir"], settings["show_progress"]
+        del settings["run_dir"], settings["show_progress"], settings["attacks"]
         return settings

@@ -12,10 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..data import identity_shift_records, load_builtin
-from .config import DemoConfig
-
-#: The benign fine-tuning attacks of stage 4: the exact-match task, and the identity-shifting set (Qi et al. 2023).
-ATTACK_SETS: tuple[str, ...] = ("task", "identity_shift")
+from .config import ATTACK_SETS, DemoConfig
 
 
 def spread(records: Sequence[Mapping[str, Any]], count: int) -> list[dict[str, Any]]:

@@ -10,10 +10,10 @@ which is effectively unaligned (keyword ASR about 0.9), so it must be aligned be
 3. **units**: score the aligned model again and classify its units (SCU, UCU, CU, RU); check the SCU by ablation
    (zeroing them must raise the ASR well above zeroing a random set of the same size, :mod:`ssah_peft.analysis`)
    and probe whether harmful queries lean to refusal or compliance in the base and the aligned model.
-4. **attack** (the paper's freezing experiment): fine-tune the aligned model on a benign task and on an
-   identity-shifting set (Qi et al. 2023) with full fine-tuning, LoRA, and SSAH protect mode (SCU + top CU
-   frozen; SCU + all CU frozen), the protect runs with ``protect_epoch_factor`` times the steps (the paper
-   doubles them; the default is 1, see the field).
+4. **attack** (the paper's freezing experiment): fine-tune the aligned model on a benign task (and, when
+   ``attacks`` names it, on an identity-shifting set, Qi et al. 2023) with full fine-tuning, LoRA, and SSAH
+   protect mode (SCU + top CU frozen; SCU + all CU frozen), the protect runs with ``protect_epoch_factor`` times
+   the steps (the paper doubles them; the default is 1, see the field).
 5. **report**: ``report.md`` with one table of every run (rates with 95% Wilson intervals), the figures, the
    stability of the unit sets, where the time went (:mod:`.timing`) and the command line.
 

@@ -30,7 +30,7 @@ from ..data import load_builtin
 from ..unit_map import UnitMap
 from .caching import cached_artifact, cached_result
 from .config import DemoConfig
-from .data import ATTACK_SETS, alignment_records, attack_records, spread
+from .data import alignment_records, attack_records, spread
 from .finetuning import finetune, merged_model
 from .measures import evaluate_model, generation_settings, unit_map_of, unit_maps_in_one_pass
 from .methods import (
@@ -230,10 +230,10 @@ def stage_units(config: DemoConfig, load_base: ModelLoader) -> UnitsStage:
 
 
 def stage_attack(config: DemoConfig, unit_map: UnitMap) -> dict[str, dict[str, Any]]:
-    """Stage 4: benign fine-tuning attacks on the aligned model with full FT, LoRA and SSAH protect mode; protect
-    runs train ``protect_epoch_factor`` times the steps. Results are keyed ``data/method``."""
+    """Stage 4: benign fine-tuning attacks (``config.attacks``) on the aligned model with full FT, LoRA and SSAH
+    protect mode; protect runs train ``protect_epoch_factor`` times the steps. Results are keyed ``data/method``."""
     results = {}
-    for data in ATTACK_SETS:
+    for data in config.attacks:
         for method in ATTACK_METHODS:
             key = f"{data}/{method.name}"
             run_dir = config.run_dir / "attack" / data / method.name
