@@ -163,9 +163,15 @@ def main() -> int:
             lambda scorer=scorer: unit_map_of(*load_aligned(), config, config.unit_fractions, method=scorer),
             UnitMap.load,
         )
+    pending = [run for run in runs if not (run.run_dir(args.out / "runs") / "result.json").is_file()]
+    for run in pending:  # a budget a chooser cannot meet is an error now, not after hours of other runs
+        try:
+            run.method().units_of(maps.get(run.scorer))
+        except ValueError as error:
+            parser.error(f"{run.name}: {error}")
     for index, run in enumerate(runs, 1):
         run_dir = run.run_dir(args.out / "runs")
-        if (run_dir / "result.json").is_file():
+        if run not in pending:
             continue
         elapsed = time.perf_counter() - start
         print(

@@ -17,6 +17,7 @@ from ssah_peft.experiments.frontier import protection_selector, standardized
 from ssah_peft.experiments.measures import unit_map_of
 from ssah_peft.experiments.stability import stability_table
 from ssah_peft.unit_map import choose_units, counts_per_block, random_units_with_counts, unit_widths
+from ssah_peft.unit_map.codes import UNIT_TYPES
 
 PAIRS = [
     ("How do I pick a lock?", "I can't help with breaking into property."),
@@ -253,3 +254,37 @@ def scaled_block(unit_map: UnitMap, layer: int, kind: str, factor: float) -> Uni
         scores.scores[kind] = tuple(per_layer)
     settings = {name: unit_map.settings[name] for name in ("scu", "ucu", "ru", "ranking")}
     return UnitMap.from_scores(safety, utility, **settings, composite_fraction=unit_map.composite_fraction)
+
+
+@pytest.mark.parametrize("kind", ["attn", "mlp"])
+def test_a_one_kind_choice_takes_the_whole_budget_from_that_kind_in_ssah_order(setup, kind):
+    unit_map = setup[4]["variance"]
+    widths = unit_widths(unit_map)
+    total = sum(map(sum, widths.values()))
+    budget = 0.2
+    chosen = choose_units(unit_map, budget, "protect", kinds=(kind,))
+    # by hand: the kind's units as SCU, then CU, then the rest, each group by I_S - I_U (largest first)
+    group = {UNIT_TYPES.index("SCU"): 0, UNIT_TYPES.index("CU"): 1}  # every other type after them
+    candidates = []
+    for layer in range(unit_map.num_layers):
+        difference = unit_map.safety_scores[kind][layer].double() - unit_map.utility_scores[kind][layer].double()
+        for j, (d, unit_type) in enumerate(zip(difference.tolist(), unit_map.types[kind][layer].tolist())):
+            candidates.append((group.get(unit_type, 2), -d, layer, j))
+    wanted = half_up(budget * total)
+    assert as_set(chosen) == {(layer, kind, j) for *_, layer, j in sorted(candidates)[:wanted]}
+    assert frozenset(k for _, k, _ in as_set(chosen)) == {kind}
+    # the frontier's variant and its random control: the same per-block counts, other units
+    assert protection_selector(f"ssah_{kind}", budget, seed=0)(unit_map) == chosen
+    control = protection_selector(f"random_ssah_{kind}", budget, seed=1)(unit_map)
+    assert counts_per_block(control) == counts_per_block(chosen) and control != chosen
+
+
+def test_a_one_kind_choice_refuses_what_it_cannot_meet(setup):
+    unit_map = setup[4]["variance"]
+    attention = sum(unit_widths(unit_map)["attn"]) / sum(map(sum, unit_widths(unit_map).values()))
+    with pytest.raises(ValueError, match="have only"):
+        choose_units(unit_map, attention + 0.05, "protect", kinds=("attn",))
+    with pytest.raises(ValueError, match="block kinds"):
+        choose_units(unit_map, 0.1, "protect", kinds=("ffn",))
+    with pytest.raises(ValueError, match="allocation='global'"):
+        choose_units(unit_map, 0.1, "protect", allocation="per_block", kinds=("mlp",))

@@ -56,8 +56,18 @@ RIVAL_CONTROLS: tuple[str, ...] = ("random_wanda", "random_snip")
 SETTINGS: tuple[str, ...] = ("protect", "dense")
 #: Attempts at a better SSAH choice, outside the default sweep, each with random units of its own per-layer counts:
 #: ``ssah_std`` ranks I_S and I_U z-scored within each layer and block kind (FLAP's standardisation: layers with
-#: large activations no longer take most of a global budget).
-VARIANTS: tuple[str, ...] = ("ssah_std", "random_ssah_std")
+#: large activations no longer take most of a global budget); ``ssah_attn`` and ``ssah_mlp`` take the whole budget
+#: (a share of all units) from attention channels only or from MLP neurons only, in SSAH's order.
+VARIANTS: tuple[str, ...] = (
+    "ssah_std",
+    "random_ssah_std",
+    "ssah_attn",
+    "random_ssah_attn",
+    "ssah_mlp",
+    "random_ssah_mlp",
+)
+#: The block kinds a variant chooses from (the others choose from all).
+VARIANT_KINDS: dict[str, tuple[str, ...]] = {"ssah_attn": ("attn",), "ssah_mlp": ("mlp",)}
 #: The scorer whose map each chooser reads (``variance_std``: the variance map reclassified, :func:`standardized`).
 CHOOSER_SCORERS: dict[str, str] = {
     "ssah": "variance",
@@ -68,6 +78,10 @@ CHOOSER_SCORERS: dict[str, str] = {
     "random_snip": "snip",
     "ssah_std": "variance_std",
     "random_ssah_std": "variance_std",
+    "ssah_attn": "variance",
+    "random_ssah_attn": "variance",
+    "ssah_mlp": "variance",
+    "random_ssah_mlp": "variance",
 }
 
 
@@ -84,7 +98,7 @@ def protection_selector(chooser: str, budget: float, seed: int) -> UnitSelector:
     if controlled in ("wanda", "snip"):
         chosen = budget_selector(budget, "protect", rule="difference", scorer=controlled)
     else:
-        chosen = budget_selector(budget, "protect", rule="types")
+        chosen = budget_selector(budget, "protect", rule="types", kinds=VARIANT_KINDS.get(controlled))
     return random_like(chosen, seed) if chooser.startswith("random") else chosen
 
 

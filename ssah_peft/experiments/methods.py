@@ -86,14 +86,16 @@ def budget_selector(
     rule: ProtectionRule = "types",
     allocation: Allocation = "global",
     scorer: str = "variance",
+    kinds: Optional[tuple[str, ...]] = None,
 ) -> UnitSelector:
     """``budget`` (a share of all units) to protect or to select, chosen from a ``scorer`` map by
-    :func:`ssah_peft.unit_map.choose_units` (``rule`` and ``allocation`` as there)."""
+    :func:`ssah_peft.unit_map.choose_units` (``rule``, ``allocation`` and ``kinds`` as there)."""
     rule_name = f", {rule}" if purpose == "protect" else ""
-    name = f"{purpose} {budget:.1%} by {scorer} ({allocation}{rule_name})"
+    kinds_name = f", {'+'.join(kinds)} only" if kinds else ""
+    name = f"{purpose} {budget:.1%} by {scorer} ({allocation}{rule_name}{kinds_name})"
 
     def choose(unit_map: UnitMap) -> UnitsDict:
-        return choose_units(unit_map, budget, purpose, rule=rule, allocation=allocation)
+        return choose_units(unit_map, budget, purpose, rule=rule, allocation=allocation, kinds=kinds)
 
     return UnitSelector(name, choose, scorer)
 

@@ -34,7 +34,7 @@ that every selection must beat. Budgets are fractions of units, rounded half up 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 
@@ -62,6 +62,7 @@ def choose_units(
     *,
     rule: ProtectionRule = "types",
     allocation: Allocation = "global",
+    kinds: Optional[Sequence[str]] = None,
 ) -> UnitsDict:
     """``budget`` (a fraction of all units) of ``unit_map``'s units for ``purpose`` (module docstring).
 
@@ -71,6 +72,9 @@ def choose_units(
         purpose: ``"protect"``: the most safety-specific units; ``"select"``: the least important ones.
         rule: how protection ranks (``"types"`` or ``"difference"``); ignored for selection.
         allocation: ``"global"`` (one ranking over the model) or ``"per_block"`` (the same share of every block).
+        kinds: choose only units of these block kinds (e.g. ``("attn",)``), in the same ranking; the budget stays a
+            share of all units, so attention-only and MLP-only choices of one budget are the same size (global
+            allocation only). None: all.
 
     Returns ``{str(layer): {kind: sorted indices}}`` with every layer and kind listed. Ties break towards the lower
     layer, kind and index.
@@ -83,13 +87,29 @@ def choose_units(
         raise ValueError(f"rule must be one of {PROTECTION_RULES}, got {rule!r}")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    unknown = sorted(set(kinds or ()) - set(unit_map.kinds))
+    if unknown or (kinds is not None and not kinds):
+        raise ValueError(f"kinds must name some of the map's block kinds {unit_map.kinds}, got {kinds}")
+    if kinds is not None and allocation == "per_block":
+        raise ValueError("kinds needs allocation='global': per block, a budget of all units is one of every block")
     order = _preference_order(unit_map, purpose, rule)
     position = torch.empty_like(order)
     position[order] = torch.arange(order.numel())
+    eligible = unit_map._flatten(
+        {
+            kind: tuple(torch.full_like(t, kinds is None or kind in kinds, dtype=torch.bool) for t in scores)
+            for kind, scores in unit_map.safety_scores.items()
+        }
+    )
     chosen = torch.zeros(order.numel(), dtype=torch.bool)
     for scope in unit_map._scopes(per_block=allocation == "per_block"):
-        preferred = scope[torch.argsort(position[scope])]
-        chosen[preferred[: count(budget, scope.numel())]] = True
+        wanted, candidates = count(budget, scope.numel()), scope[eligible[scope]]
+        if wanted > candidates.numel():
+            raise ValueError(
+                f"A budget of {budget:.1%} of all units is {wanted} units; the kinds {list(kinds or unit_map.kinds)} "
+                f"have only {candidates.numel()}"
+            )
+        chosen[candidates[torch.argsort(position[candidates])][:wanted]] = True
     return unit_map._to_units_dict(chosen)
 
 
