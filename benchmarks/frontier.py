@@ -37,6 +37,7 @@ from ssah_peft.experiments.frontier import (
     CHOOSER_SCORERS,
     CHOOSERS,
     RIVAL_CONTROLS,
+    SCORING_OF,
     SETTINGS,
     VARIANTS,
     FrontierRun,
@@ -158,9 +159,12 @@ def main() -> int:
     maps["variance_std"] = standardized(maps["variance"])
     for scorer in sorted({run.scorer for run in runs} - {None, *maps}):
         print(f"[frontier] {scorer} unit map of the aligned model", file=sys.stderr, flush=True)
+        method, tokens = SCORING_OF.get(scorer, (scorer, "response"))
         maps[scorer] = cached_artifact(
             args.out / "maps" / f"unitmap_{scorer}.safetensors",
-            lambda scorer=scorer: unit_map_of(*load_aligned(), config, config.unit_fractions, method=scorer),
+            lambda method=method, tokens=tokens: unit_map_of(
+                *load_aligned(), config, config.unit_fractions, method=method, tokens=tokens
+            ),
             UnitMap.load,
         )
     pending = [run for run in runs if not (run.run_dir(args.out / "runs") / "result.json").is_file()]

@@ -12,8 +12,9 @@ from conftest import tiny_chat_llama, tiny_tokenizer
 from ssah_peft import UnitMap, build_calibration_batches, score_units
 from ssah_peft.analysis import random_units_like
 from ssah_peft.analysis.scan import scores_of
-from ssah_peft.experiments import RANDOM_CONTROLS, DemoConfig, budget_selector, method_named, random_like
-from ssah_peft.experiments.frontier import protection_selector, standardized
+from ssah_peft.data import load_builtin
+from ssah_peft.experiments import RANDOM_CONTROLS, DemoConfig, budget_selector, method_named, random_like, spread
+from ssah_peft.experiments.frontier import SCORING_OF, FrontierRun, protection_selector, standardized
 from ssah_peft.experiments.measures import unit_map_of
 from ssah_peft.experiments.stability import stability_table
 from ssah_peft.unit_map import choose_units, counts_per_block, random_units_with_counts, unit_widths
@@ -288,3 +289,28 @@ def test_a_one_kind_choice_refuses_what_it_cannot_meet(setup):
         choose_units(unit_map, 0.1, "protect", kinds=("ffn",))
     with pytest.raises(ValueError, match="allocation='global'"):
         choose_units(unit_map, 0.1, "protect", allocation="per_block", kinds=("mlp",))
+
+
+def test_the_prompt_variant_chooses_from_a_map_scored_on_the_prompt_tokens(setup, tmp_path):
+    model, tokenizer, *_ = setup
+    config = DemoConfig.quick(tmp_path, calibration_pairs=6, max_length=320, show_progress=False)
+    prompt_map = unit_map_of(model, tokenizer, config, config.unit_fractions, tokens="prompt")
+    response_map = unit_map_of(model, tokenizer, config, config.unit_fractions)
+    assert prompt_map.calibration["safety"]["tokens"] == "prompt" and "tokens" not in response_map.calibration["safety"]
+    pairs = spread(load_builtin("safety_calibration"), config.calibration_pairs)
+    by_hand = score_units(
+        model,
+        build_calibration_batches(tokenizer, pairs, tokens="prompt", max_length=config.max_length),
+        show_progress_bar=False,
+    )
+    for kind in prompt_map.kinds:
+        for layer, scores in enumerate(by_hand.scores[kind]):
+            torch.testing.assert_close(prompt_map.safety_scores[kind][layer], scores.float())
+    assert not torch.equal(prompt_map.safety_scores["mlp"][0], response_map.safety_scores["mlp"][0])
+    assert FrontierRun("task", "protect", "ssah_prompt", 0.2, 0).scorer == "variance_prompt"
+    assert SCORING_OF["variance_prompt"] == ("variance", "prompt")
+    chosen = protection_selector("ssah_prompt", 0.2, seed=0)(prompt_map)
+    assert chosen == choose_units(prompt_map, 0.2, "protect")
+    assert counts_per_block(protection_selector("random_ssah_prompt", 0.2, seed=1)(prompt_map)) == counts_per_block(
+        chosen
+    )

@@ -57,7 +57,9 @@ SETTINGS: tuple[str, ...] = ("protect", "dense")
 #: Attempts at a better SSAH choice, outside the default sweep, each with random units of its own per-layer counts:
 #: ``ssah_std`` ranks I_S and I_U z-scored within each layer and block kind (FLAP's standardisation: layers with
 #: large activations no longer take most of a global budget); ``ssah_attn`` and ``ssah_mlp`` take the whole budget
-#: (a share of all units) from attention channels only or from MLP neurons only, in SSAH's order.
+#: (a share of all units) from attention channels only or from MLP neurons only, in SSAH's order; ``ssah_prompt``
+#: chooses as ``ssah`` from a map scored on the prompt tokens instead of the responses (where the model reads the
+#: request it must decide to refuse, before any refusal is written).
 VARIANTS: tuple[str, ...] = (
     "ssah_std",
     "random_ssah_std",
@@ -65,6 +67,8 @@ VARIANTS: tuple[str, ...] = (
     "random_ssah_attn",
     "ssah_mlp",
     "random_ssah_mlp",
+    "ssah_prompt",
+    "random_ssah_prompt",
 )
 #: The block kinds a variant chooses from (the others choose from all).
 VARIANT_KINDS: dict[str, tuple[str, ...]] = {"ssah_attn": ("attn",), "ssah_mlp": ("mlp",)}
@@ -82,7 +86,12 @@ CHOOSER_SCORERS: dict[str, str] = {
     "random_ssah_attn": "variance",
     "ssah_mlp": "variance",
     "random_ssah_mlp": "variance",
+    "ssah_prompt": "variance_prompt",
+    "random_ssah_prompt": "variance_prompt",
 }
+#: How the maps of :data:`CHOOSER_SCORERS` are scored, where that is not the scorer's own name on the responses
+#: (``variance_std`` is reclassified from the variance map, :func:`standardized`): (scoring method, tokens).
+SCORING_OF: dict[str, tuple[str, str]] = {"variance_prompt": ("variance", "prompt")}
 
 
 def standardized(unit_map: UnitMap) -> UnitMap:

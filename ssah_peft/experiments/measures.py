@@ -16,7 +16,15 @@ from transformers import PreTrainedTokenizerBase
 
 from ..data import load_builtin
 from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility, generate_together
-from ..scoring import ScoringMethod, UnitScores, UnitStatistics, build_calibration_batches, score_units, unit_statistics
+from ..scoring import (
+    ScoringMethod,
+    TokenSelection,
+    UnitScores,
+    UnitStatistics,
+    build_calibration_batches,
+    score_units,
+    unit_statistics,
+)
 from ..scoring.accumulators import merged_accumulator
 from ..unit_map import UnitMap
 from .config import DemoConfig
@@ -101,13 +109,15 @@ def unit_map_of(
     *,
     method: ScoringMethod = "variance",
     half: Optional[int] = None,
+    tokens: TokenSelection = "response",
 ) -> UnitMap:
     """Score ``model`` on the safety and utility calibration sets (the paper's Eq. 1, or the ``method`` baseline)
     and classify its units at ``fractions`` (``scu``, ``ucu``, ``ru``: :attr:`DemoConfig.unit_fractions` or
     :attr:`DemoConfig.alignment_fractions`).
 
     ``half`` (0 or 1) scores only every other calibration pair, starting at that one: two disjoint halves that
-    both cover every category, for the stability of the unit sets (:mod:`.stability`).
+    both cover every category, for the stability of the unit sets (:mod:`.stability`). ``tokens``: which tokens of
+    each exchange are scored (:func:`ssah_peft.build_calibration_batches`); the demo scores the responses.
     """
     if half not in (None, 0, 1):
         raise ValueError(f"half must be None, 0 or 1, got {half!r}")
@@ -116,8 +126,12 @@ def unit_map_of(
         pairs = spread(load_builtin(name), config.calibration_pairs)
         if half is not None:
             pairs = pairs[half::2]
-        batches = build_calibration_batches(tokenizer, pairs, tokens="response", max_length=config.max_length)
-        metadata = {"data": name} if half is None else {"data": name, "half": half}
+        batches = build_calibration_batches(tokenizer, pairs, tokens=tokens, max_length=config.max_length)
+        metadata = {
+            "data": name,
+            **({} if half is None else {"half": half}),
+            **({} if tokens == "response" else {"tokens": tokens}),
+        }
         scores.append(
             score_units(model, batches, method=method, show_progress_bar=config.show_progress, metadata=metadata)
         )
