@@ -80,7 +80,15 @@ def write_results(args, seconds: float) -> None:
     rows = [frontier_row(run, result) for run, result in results.items()]
     default = set(frontier_runs()) & set(results)
     write_rows(rows, args.results / "results.csv")
-    plot_frontier(frontier_points(rows), args.results / "frontier.png", title="attack:")
+    # the variants in a figure of their own, with SSAH and random at the same attacks, settings and budgets
+    variants = [r for r in rows if r["chooser"] in VARIANTS]
+    where = {(r["attack"], r["setting"], r["budget"]) for r in variants}
+    beside = [
+        r for r in rows if r["chooser"] in ("ssah", "random") and (r["attack"], r["setting"], r["budget"]) in where
+    ]
+    plot_frontier(frontier_points([r for r in rows if r["chooser"] not in VARIANTS]), args.results / "frontier.png")
+    if variants:
+        plot_frontier(frontier_points(beside + variants), args.results / "variants.png", title="variants, attack:")
     compute = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
     aligned = json.loads((args.demo / "align" / "ssah_select" / "result.json").read_text(encoding="utf-8"))
     lines = [
@@ -104,10 +112,14 @@ def write_results(args, seconds: float) -> None:
         "Choosers: `ssah` SCU then CU by I_S − I_U (variance scores); `wanda`/`snip` the rival scores' difference "
         "I_S − I_U (Wei et al. 2024's safety attribution); `random` random units with SSAH's per-layer counts, "
         "drawn anew for each seed. Settings: `protect` SSAH protect mode (rank-8 update, the units' slices held at "
-        "zero); `dense` every other unit trained densely (select mode on the complement). Training seed = row seed.",
+        "zero); `dense` every other unit trained densely (select mode on the complement). Training seed = row seed. "
+        "Variants, outside the default sweep and each paired with random units of its own per-layer counts "
+        "(`random_<variant>`): `ssah_std` SSAH on I_S and I_U z-scored per layer and kind; `ssah_attn` / `ssah_mlp` "
+        "the budget from attention channels / MLP neurons only; `ssah_prompt` SSAH scored on the prompt tokens.",
         "",
         "![frontier](frontier.png)",
         "",
+        *(["![variants](variants.png)", ""] if variants else []),
         *frontier_markdown(rows),
         "",
     ]
