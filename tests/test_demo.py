@@ -201,13 +201,11 @@ def test_a_run_dir_resumes_with_fewer_attacks_and_reports_only_those(demo_run, t
     fewer = replace(config, run_dir=tmp_path / "run", attacks=["task"])
     shutil.copytree(config.run_dir, fewer.run_dir)
     loads_before = len(calls)
-    rows = [
-        line
-        for line in run_demo(fewer, load_base=tiny_loader(calls)).read_text().splitlines()
-        if line.startswith("| 4 attack |")
-    ]
+    text = run_demo(fewer, load_base=tiny_loader(calls)).read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 4 attack |")]
     assert len(calls) == loads_before
     assert len(rows) == len(ATTACK_METHODS) and all("| task |" in row for row in rows)
+    assert "identity-shifting" not in text and "identity-shifting" in (config.run_dir / "report.md").read_text()
 
 
 def test_other_settings_in_the_same_run_dir_are_refused(demo_run):

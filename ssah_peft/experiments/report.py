@@ -91,8 +91,12 @@ def _introduction(config: DemoConfig, command: str) -> list[str]:
             "Stored size: the adapter file, or the trainable weights (fp32) for full fine-tuning.",
             "Trainable parameters of protect mode count its raw A and B, the entries that the protection holds at "
             "zero included (as `print_trainable_parameters`).",
-            "Every model is evaluated with the chat template's default system prompt, also after the "
-            "identity-shifting attack (which trains with the persona's system prompt).",
+            "Every model is evaluated with the chat template's default system prompt"
+            + (
+                ", also after the identity-shifting attack (which trains with the persona's system prompt)."
+                if "identity_shift" in config.attacks
+                else "."
+            ),
         ]
     )
     return [f"# SSAH demo: {config.model}", "", f"Command: `{command}`", "", definitions, ""]
