@@ -339,6 +339,7 @@ def test_file_round_trip(tmp_path, planted_scores):
     assert loaded.types["mlp"][0].dtype == torch.int8 and loaded.safety_scores["attn"][1].dtype == torch.float32
     assert loaded.fingerprint == unit_map.fingerprint
     assert loaded.settings == unit_map.settings
+    assert loaded.summary() == unit_map.summary()  # a report reads the same from a cached map
     assert (
         loaded.calibration
         == unit_map.calibration

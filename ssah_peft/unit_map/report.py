@@ -29,7 +29,7 @@ def summary_text(unit_map: UnitMap) -> str:
     totals = {t: sum(c[t] for c in counts.values()) for t in REPORT_ORDER}
     num_units = sum(totals.values())
     overall = ", ".join(f"{t} {totals[t]} ({100 * totals[t] / num_units:.1f}%)" for t in REPORT_ORDER)
-    settings = ", ".join(f"{k}={v}" for k, v in unit_map.settings.items())
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(unit_map.settings.items()))  # as a saved map reads back
     return "\n".join(
         [
             f"Unit map of a {unit_map.fingerprint.get('model_type')} model ({settings})",
