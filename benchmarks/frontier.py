@@ -86,7 +86,11 @@ def write_results(args, seconds: float) -> None:
     beside = [
         r for r in rows if r["chooser"] in ("ssah", "random") and (r["attack"], r["setting"], r["budget"]) in where
     ]
-    plot_frontier(frontier_points([r for r in rows if r["chooser"] not in VARIANTS]), args.results / "frontier.png")
+    plot_frontier(
+        frontier_points([r for r in rows if r["chooser"] not in VARIANTS]),
+        args.results / "frontier.png",
+        title="attack:",
+    )
     if variants:
         plot_frontier(frontier_points(beside + variants), args.results / "variants.png", title="variants, attack:")
     compute = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)

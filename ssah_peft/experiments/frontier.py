@@ -371,8 +371,9 @@ def plot_frontier(points: Sequence[FrontierPoint], path: Path, title: str = "") 
     figure = Figure(figsize=(6.5 * len(panels), 5.5))
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    colours = {group: f"C{i % 10}" for i, group in enumerate(groups)}
-    markers = {group: "os^Dv<>ph*"[i % 10] for i, group in enumerate(groups)}
+    palette = [f"C{i}" for i in range(10)] + ["black", "darkgoldenrod", "magenta", "teal"]
+    colours = {group: palette[i % len(palette)] for i, group in enumerate(groups)}
+    markers = {group: "os^Dv<>ph*XPd"[i % 13] for i, group in enumerate(groups)}
     for ax, panel in zip(axes, panels):
         for group in groups:
             members = [p for p in points if p.panel == panel and p.group == group]
