@@ -41,6 +41,7 @@ from ssah_peft.experiments.frontier import (
     SETTINGS,
     VARIANTS,
     FrontierRun,
+    check_runs,
     frontier_markdown,
     frontier_points,
     frontier_row,
@@ -183,15 +184,13 @@ def main() -> int:
             ),
             UnitMap.load,
         )
-    pending = [run for run in runs if not (run.run_dir(args.out / "runs") / "result.json").is_file()]
-    for run in pending:  # a budget a chooser cannot meet is an error now, not after hours of other runs
-        try:
-            run.method().units_of(maps.get(run.scorer))
-        except ValueError as error:
-            parser.error(f"{run.name}: {error}")
+    try:
+        check_runs([run for run in runs if not (run.run_dir(args.out / "runs") / "result.json").is_file()], maps)
+    except ValueError as error:
+        parser.error(str(error))
     for index, run in enumerate(runs, 1):
         run_dir = run.run_dir(args.out / "runs")
-        if run not in pending:
+        if (run_dir / "result.json").is_file():
             continue
         elapsed = time.perf_counter() - start
         print(

@@ -14,7 +14,14 @@ from ssah_peft.analysis import random_units_like
 from ssah_peft.analysis.scan import scores_of
 from ssah_peft.data import load_builtin
 from ssah_peft.experiments import RANDOM_CONTROLS, DemoConfig, budget_selector, method_named, random_like, spread
-from ssah_peft.experiments.frontier import SCORING_OF, FrontierRun, protection_selector, standardized
+from ssah_peft.experiments.frontier import (
+    SCORING_OF,
+    FrontierRun,
+    check_runs,
+    frontier_runs,
+    protection_selector,
+    standardized,
+)
 from ssah_peft.experiments.measures import unit_map_of
 from ssah_peft.experiments.stability import stability_table
 from ssah_peft.unit_map import choose_units, counts_per_block, random_units_with_counts, unit_widths
@@ -289,6 +296,12 @@ def test_a_one_kind_choice_refuses_what_it_cannot_meet(setup):
         choose_units(unit_map, 0.1, "protect", kinds=("ffn",))
     with pytest.raises(ValueError, match="allocation='global'"):
         choose_units(unit_map, 0.1, "protect", allocation="per_block", kinds=("mlp",))
+    # a sweep is checked before any run trains: every run that can be met passes, the first that cannot is named
+    feasible = frontier_runs([0.1], ["ssah_attn", "random_ssah_attn", "ssah"], ["protect", "dense"], ["task"], [0])
+    check_runs(feasible, {"variance": unit_map})
+    too_big = FrontierRun("task", "protect", "ssah_attn", round(attention + 0.05, 2), 1)
+    with pytest.raises(ValueError, match=f"{too_big.name} \\(task, seed 1\\): .*have only"):
+        check_runs([*feasible, too_big], {"variance": unit_map})
 
 
 def test_the_prompt_variant_chooses_from_a_map_scored_on_the_prompt_tokens(setup, tmp_path):

@@ -189,6 +189,17 @@ def frontier_runs(
     return runs
 
 
+def check_runs(runs: Iterable[FrontierRun], maps: Mapping[str, UnitMap]) -> None:
+    """Choose every run's units from its scorer's map in ``maps`` now: a budget a chooser cannot meet (more
+    attention units than the model has, say) is a ``ValueError`` naming the run before any run trains, not after
+    hours of the others."""
+    for run in runs:
+        try:
+            run.method().units_of(maps.get(run.scorer) if run.scorer else None)
+        except ValueError as error:
+            raise ValueError(f"{run.name} ({run.attack}, seed {run.seed}): {error}") from None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Results: one row per run, summaries over seeds
 # ----------------------------------------------------------------------------------------------------
