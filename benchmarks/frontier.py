@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssah_peft.experiments import DemoConfig, cached_artifact, check_run_dir
+from ssah_peft.experiments import ATTACK_SETS, DemoConfig, cached_artifact, check_run_dir
 from ssah_peft.experiments.frontier import (
     BUDGETS,
     CHOOSER_SCORERS,
@@ -139,7 +139,7 @@ def main() -> int:
     parser.add_argument("--budgets", type=comma_list(float), default=list(BUDGETS))
     parser.add_argument("--choosers", type=comma_list(str), default=list(CHOOSERS))
     parser.add_argument("--settings", type=comma_list(str), default=list(SETTINGS))
-    parser.add_argument("--attacks", type=comma_list(str), default=["task", "identity_shift"])
+    parser.add_argument("--attacks", type=comma_list(str), default=list(ATTACK_SETS))
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2])
     parser.add_argument("--report-only", action="store_true", help="write the results of the cached runs only")
     parser.add_argument("--threads", type=int)

@@ -30,6 +30,7 @@ from typing import Any, Optional
 from ..analysis.scan import reclassified
 from ..evaluate import format_rate, mean_sd, wilson_interval
 from ..unit_map import UnitMap
+from .config import ATTACK_SETS
 from .measures import rate_counts
 from .methods import (
     FULL,
@@ -170,7 +171,7 @@ def frontier_runs(
     budgets: Sequence[float] = BUDGETS,
     choosers: Sequence[str] = CHOOSERS,
     settings: Sequence[str] = SETTINGS,
-    attacks: Sequence[str] = ("task", "identity_shift"),
+    attacks: Sequence[str] = ATTACK_SETS,
     seeds: Sequence[int] = (0, 1, 2),
 ) -> list[FrontierRun]:
     """Every run of a sweep, seed by seed (an interrupted sweep has whole seeds first): per attack the references,
