@@ -33,8 +33,9 @@ run, those that make a GPU wait for the host to read a value back (``nonzero``, 
 the bytes they move (every tensor argument read in full, every output written; views move nothing) and the
 elements they materialize per dtype (outputs of operators that neither write in place nor return a view). These
 counts are the same on any machine and are what a GPU would launch, so they stand in for a GPU timing and compare
-across commits. Counted for the path this device runs and, forced, for the path every other device runs
-(``accumulators._batch_moments(..., one_read=True)``); one process only:
+across commits. Counted for the path this device runs and, forced, for the path a CUDA device runs
+(``accumulators._batch_moments(..., one_read=True)``), with the operators a pass runs outside its forwards and
+hooks (a fixed cost per pass, which a GPU pays with its device idle); one process only:
 
     python benchmarks/scoring.py --count-ops --dtype bfloat16 --methods variance wanda
 """
@@ -121,26 +122,33 @@ def counting_hooks(counter: OperatorCounter) -> Iterator[None]:
 
 
 def count_operators(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], methods: list[str]) -> list[str]:
-    """The table of ``--count-ops``: per method and moment path, what the hooks run in one scoring pass."""
+    """The table of ``--count-ops``: per method and moment path, what the hooks run in one scoring pass, and what
+    the pass runs besides its forwards and its hooks (once per pass, whatever the number of batches: weight
+    statistics, merge, read-back, scores)."""
     batch_moments = accumulators._batch_moments
     device = batches[0]["input_ids"].device.type
     paths: dict[str, Callable[[], Any]] = {
         f"{device} (as run here)": contextlib.nullcontext,
-        "one-read (GPU)": lambda: mock.patch.object(
-            accumulators, "_batch_moments", lambda x, sums, m2, one_read: batch_moments(x, sums, m2, one_read=True)
+        "one-read (CUDA)": lambda: mock.patch.object(
+            accumulators, "_batch_moments", lambda x, one_read: batch_moments(x, one_read=True)
         ),
     }
+    forward = OperatorCounter()
+    with forward, torch.no_grad():
+        for batch in batches:
+            model(**{k: v for k, v in batch.items() if k != "score_mask"})
     lines = [
         "| method | path | hook calls | aten ops per call | synchronising ops per pass | MiB moved per call | "
-        "elements made per call | operators per call |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+        "elements made per call | ops per pass outside forwards and hooks | operators per call |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for method in methods:
         for path, patch in paths.items():
-            counter = OperatorCounter()
-            with patch(), counting_hooks(counter):
+            counter, whole = OperatorCounter(), OperatorCounter()
+            with patch(), counting_hooks(counter), whole:
                 score_units(model, batches, method=method, show_progress_bar=False)
             calls = counter.calls
+            outside = whole.operators.total() - forward.operators.total() - counter.operators.total()
             elements = ", ".join(
                 f"{str(dtype).removeprefix('torch.')} {count / calls:.0f}" for dtype, count in counter.elements.items()
             )
@@ -150,7 +158,7 @@ def count_operators(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
             lines.append(
                 f"| {method} | {path} | {calls} | {counter.operators.total() / calls:g} | "
                 f"{counter.synchronising.total()} | {counter.bytes_moved / calls / 2**20:.2f} | {elements} | "
-                f"{operators} |"
+                f"{outside} | {operators} |"
             )
     return lines
 

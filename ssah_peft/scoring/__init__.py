@@ -15,8 +15,8 @@ types. For comparison, the per-weight scores Wei et al. (2024) used are aggregat
 * ``"snip"``: |W ⊙ ∇_W ℓ(x)| summed over column j and averaged over calibration sequences x, where ℓ(x) is the
   mean causal-LM loss of the sequence's scored tokens (as targets), as in Wei et al.'s code.
 
-The pass is streaming and exact: hooks on the output projections compute each batch's moments (count, mean, M2
-about the batch's own mean) in the model's precision, float32 at least, and merge them into float64 state with
+The pass is streaming and exact: hooks on the output projections compute each batch's moments (count, mean,
+variance about the batch's own mean) in the model's precision, float32 at least, and merge them into float64 state with
 Chan et al.'s parallel formula, so any batching, padding side, device placement or number of
 ``torch.distributed`` ranks gives the scores of a one-shot computation on the concatenated tokens, to that
 precision's rounding (a relative 1e-7 for half-precision and float32 models). The same

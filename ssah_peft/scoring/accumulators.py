@@ -80,67 +80,56 @@ PENDING_BATCHES = 32
 class Moments:
     """Per-channel count, mean and M2 (sum of squared deviations), merged exactly (Chan et al.) in float64.
 
-    A batch's sum and M2 are computed in the model's precision, float32 at least (:func:`_batch_moments`), straight
-    into a row of a small buffer; every :data:`PENDING_BATCHES` batches (and before any read) the buffered rows are
-    merged into the float64 state at once. So a batch costs its two reductions and nothing else: no per-batch
-    merge arithmetic, whose handful of tiny kernels per projection cost a GPU as much as the reductions. The state
+    A batch costs one reduction (:func:`_batch_moments`: its mean and variance in the model's precision, float32
+    at least), kept as it is; every :data:`PENDING_BATCHES` batches (and before any read) the buffered batches are
+    merged into the float64 state at once. So a batch launches nothing but its reduction: no per-batch merge
+    arithmetic, whose handful of tiny kernels per projection cost a GPU as much as the reductions. The state
     lives on the device of the first batch and is updated in place, so a scoring pass copies nothing between
     devices and reads nothing back until :meth:`state`.
     """
 
     def __init__(self, width: int) -> None:
         self.width = width
-        self.num_tokens = 0  # merged into the float64 state; the buffered batches are in _pending_counts
+        self.num_tokens = 0  # merged into the float64 state; the buffered batches are in _pending
         self.num_sequences = 0
         self.mean: Optional[torch.Tensor] = None
         self.m2: Optional[torch.Tensor] = None
-        self._pending_counts: list[int] = []
-        self._pending_sums: Optional[torch.Tensor] = None  # [PENDING_BATCHES, width]
-        self._pending_m2: Optional[torch.Tensor] = None
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (count, mean, variance) per batch
 
     def add_tokens(self, x: torch.Tensor) -> None:
         """Add a ``[tokens, width]`` batch (left unmodified: it may be a view of the layer's input)."""
         if x.shape[0] == 0:
             return
-        dtype = _compute_dtype(x.dtype)
-        sums = self._pending_sums
-        if sums is None or sums.dtype != dtype or sums.device != x.device:
+        if self._pending and self._pending[-1][1].device != x.device:
             self._merge_pending()
-            # one allocation from nothing: the hooks make no tensor but these rows from a batch's values
-            self._pending_sums, self._pending_m2 = torch.empty(
-                2, PENDING_BATCHES, self.width, dtype=dtype, device=x.device
-            ).unbind()
-            sums = self._pending_sums
-        assert self._pending_m2 is not None
-        row = len(self._pending_counts)
-        _batch_moments(x, sums[row], self._pending_m2[row], one_read=x.device.type != "cpu")
-        self._pending_counts.append(x.shape[0])
-        if len(self._pending_counts) == PENDING_BATCHES:
+        self._pending.append((x.shape[0], *_batch_moments(x, one_read=x.device.type == "cuda")))
+        if len(self._pending) == PENDING_BATCHES:
             self._merge_pending()
 
     def _merge_pending(self) -> None:
         """Merge the buffered batches into the float64 state: their joint mean and M2 (Chan et al. for many parts:
-        M2 = Σ_b M2_b + Σ_b n_b (mean_b − mean)²), then that one part into the state."""
-        if not self._pending_counts:
+        M2 = Σ_b n_b (var_b + (mean_b − mean)²)), then that one part into the state."""
+        if not self._pending:
             return
-        assert self._pending_sums is not None and self._pending_m2 is not None
-        parts, total = len(self._pending_counts), sum(self._pending_counts)
-        sums = self._pending_sums[:parts].double()
-        counts = _to_device(torch.tensor(self._pending_counts, dtype=torch.float64), sums.device).unsqueeze(1)
-        mean = sums.sum(dim=0) / total
-        deviations = (sums / counts - mean).square_().mul_(counts)
-        m2 = self._pending_m2[:parts].sum(dim=0, dtype=torch.float64).add_(deviations.sum(dim=0))
-        self._pending_counts = []
-        self._merge(total, mean, m2)
+        counts, means, variances = zip(*self._pending)
+        self._pending = []
+        total = sum(counts)
+        batch_means, batch_variances = torch.stack(means + variances).double().split(len(counts))
+        # each batch's share of the tokens (for the mean) and its count (for M2), in one copy to the device
+        weights = _to_device(
+            torch.tensor([[c / total for c in counts], counts], dtype=torch.float64), batch_means.device
+        )
+        mean = batch_means.T.mv(weights[0])
+        self._merge(total, mean, batch_variances.add_(batch_means.sub_(mean).square_()).T.mv(weights[1]))
 
     def _merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Merge ``count`` tokens of per-channel ``mean`` and ``m2`` (any float dtype, converted as they are read)."""
+        """Merge ``count`` tokens of per-channel ``mean`` and ``m2`` (any float dtype, converted as they are read).
+        Into empty statistics, float64 ``mean`` and ``m2`` become the state: pass tensors nothing else holds."""
         if count == 0:
             return
         if self.mean is None or self.m2 is None:
-            # merging into zeros is exact: delta is the batch's mean, and its weight count / total is 1
-            self.mean = torch.zeros(self.width, dtype=torch.float64, device=mean.device)
-            self.m2 = torch.zeros_like(self.mean)
+            self.num_tokens, self.mean, self.m2 = count, mean.double(), m2.double()
+            return
         previous, self.num_tokens = self.num_tokens, self.num_tokens + count
         delta = mean.to(self.mean.device) - self.mean  # float64 by type promotion
         self.mean.add_(delta, alpha=count / self.num_tokens)
@@ -175,9 +164,9 @@ class Moments:
     def load_states(self, states: Sequence[torch.Tensor]) -> None:
         """Replace the statistics by the exact merge of several :meth:`state` vectors, in order."""
         self.num_tokens, self.num_sequences, self.mean, self.m2 = 0, 0, None, None
-        self._pending_counts = []
+        self._pending = []
         for state in states:
-            self._merge(int(state[0]), state[2 : 2 + self.width], state[2 + self.width :])
+            self._merge(int(state[0]), state[2 : 2 + self.width].clone(), state[2 + self.width :].clone())
             self.num_sequences += int(state[1])
 
 
@@ -222,26 +211,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _batch_moments(x: torch.Tensor, sum_out: torch.Tensor, m2_out: torch.Tensor, one_read: bool) -> None:
-    """Per-channel sum and M2 of a ``[tokens, width]`` batch, written into ``sum_out`` and ``m2_out`` (``[width]``,
-    in :func:`_compute_dtype` of its dtype).
+def _batch_moments(x: torch.Tensor, one_read: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance (divided by the count) of a ``[tokens, width]`` batch, in
+    :func:`_compute_dtype` of its dtype.
 
-    Both ways are centred, M2 being summed about the batch's own mean rather than taken as Σx² − N·mean², so a
-    channel whose mean dwarfs its spread keeps its variance. ``one_read`` (every device but the CPU): a sum and
-    Welford's variance, each a reduction that reads the batch once and converts as it reads (CUDA accumulates bf16
-    into float32 directly), so no copy of the batch is made and the pass stays a fraction of the forward's
-    memory traffic. The CPU's Welford over the token dimension is strided and several times slower than two
-    vectorized passes over a converted batch, which it does instead.
+    Both ways are centred, the variance being taken about the batch's own mean rather than as E[x²] − mean², so a
+    channel whose mean dwarfs its spread keeps its variance. ``one_read`` (CUDA, ROCm included): the batch-norm
+    statistics kernel (``batch_norm_update_stats`` without running statistics), one Welford reduction over the
+    tokens that reads the batch once, converting as it reads, and returns both in its accumulation type (float32
+    for a bf16/fp16 batch). So no copy of the batch is made and each layer input is read once: half the reads of
+    a sum followed by a variance. Elsewhere two vectorized passes over a converted batch: the CPU's kernel of that
+    operator returns a half-precision batch's statistics in half precision, and not every backend has one.
     """
-    count = x.shape[0]
     if one_read:
-        torch.sum(x, dim=0, dtype=sum_out.dtype, out=sum_out)
-        # correction count - 1: var divides Welford's M2 by 1, i.e. returns M2; out= sets the dtype it accumulates in
-        torch.var(x, dim=0, correction=count - 1, out=m2_out)
-        return
-    x = x.to(sum_out.dtype)
-    torch.sum(x, dim=0, out=sum_out)
-    torch.sum((x - sum_out / count).square_(), dim=0, out=m2_out)
+        return torch.batch_norm_update_stats(x, None, None, 0.0)
+    x = x.to(_compute_dtype(x.dtype))
+    mean = x.mean(dim=0)
+    return mean, (x - mean).square_().mean(dim=0)
 
 
 def _counts(num_tokens: int, num_sequences: int, device: Optional[torch.device] = None) -> torch.Tensor:
