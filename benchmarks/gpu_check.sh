@@ -15,9 +15,10 @@
 #   2. the same base and settings: select 20% with bf16 deltas + bitsandbytes AdamW8bit (floor and LoRA r16 again)
 #   3. 1B bf16, batch 8x512, no checkpointing: floor, LoRA r16, select LoRA-equal, protect r16
 #   4. the scorer at 1B bf16: score_units (variance, wanda) against a plain no-grad forward, 16 batches of 8x512
-#   5. gpu_check.md and gpu_check.json: every table, the commands, and the three targets of issue 16 checked
+#   5. the scorer's exactness on the device: scores of a small bf16 model against float64 ones (--check-exact)
+#   6. gpu_check.md and gpu_check.json: every table, the commands, and the three targets of issue 16 checked
 # Files under $OUT (the device tool brings back at most 8): gpu_check.log, gpu_check.md, gpu_check.json,
-# train_7b_nf4.json, train_7b_nf4_bf16_8bit.json, train_1b_bf16.json, scoring_1b_bf16.json.
+# train_7b_nf4.json, train_7b_nf4_bf16_8bit.json, train_1b_bf16.json, scoring_1b_bf16.json, scoring_exact.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -121,6 +122,8 @@ EOF
         --repeats "$repeats_mid" --methods protect "=LoRA" --out "$OUT/train_1b_bf16.json"
     step scoring_1b_bf16 90 "$python" benchmarks/scoring.py --size "$mid" --dtype bfloat16 --device "$device" \
         "${score[@]}" --methods variance wanda --out "$OUT/scoring_1b_bf16.json"
+    step scoring_exact 60 "$python" benchmarks/scoring.py --check-exact --dtype bfloat16 --device "$device" \
+        --methods variance wanda --out "$OUT/scoring_exact.json"
     echo "== failed or skipped: ${failed[*]:-none}; steps took $((SECONDS - start))s"
     GPU_CHECK_FAILED="${failed[*]:-}" "$python" - "$OUT" <<'EOF'
 """gpu_check.md / gpu_check.json: the tables, the commands and issue 16's targets."""
@@ -136,6 +139,7 @@ parts = {
     "train_7b_nf4_bf16_8bit": "7B NF4, gradient checkpointing: the memory recipe, bf16 deltas + AdamW8bit",
     "train_1b_bf16": "1B bf16, no checkpointing",
     "scoring_1b_bf16": "Scoring pass at 1B bf16 against a plain no-grad forward",
+    "scoring_exact": "Scores on the device against float64 (small bf16 model)",
 }
 results = {name: json.loads((out / f"{name}.json").read_text()) for name in parts if (out / f"{name}.json").exists()}
 checks = []
@@ -175,6 +179,8 @@ check(
     lambda: results["scoring_1b_bf16"]["runs"]["score_units(variance)"]["wall_ratio_paired"],
     1.10,
 )
+for method in ("variance", "wanda"):  # the tests' tolerance; float32 reductions give ~1e-7
+    check(f"scoring_exact: largest relative error, {method}", lambda m=method: results["scoring_exact"]["errors"][m], 1e-6)
 recipe = row("train_7b_nf4_bf16_8bit", "select 20%")
 check("train_7b_nf4_bf16_8bit: select 20% total peak GiB", lambda: recipe["total_peak_memory_bytes"] / 2**30, 20.0)
 
@@ -182,7 +188,7 @@ failed = os.environ.get("GPU_CHECK_FAILED") or "none"
 lines = [f"# GPU check (issue 16): {os.uname().nodename}", "", f"Failed or skipped steps: {failed}.", ""]
 lines += ["| target | value | limit | met |", "|---|---:|---:|---|"]
 for c in checks:
-    value = "-" if c["value"] is None else f"{c['value']:.3f}"
+    value = "-" if c["value"] is None else f"{c['value']:.3g}"
     met = "-" if c["met"] is None else ("yes" if c["met"] else "NO")
     lines.append(f"| {c['target']} | {value} | {c['limit']} | {met} |")
 for name, title in parts.items():
@@ -191,7 +197,7 @@ for name, title in parts.items():
         lines.append("not measured (see gpu_check.log)")
         continue
     result = results[name]
-    facts = {k: v for k, v in result.items() if k not in ("rows", "table", "runs", "setup")}
+    facts = {k: v for k, v in result.items() if k not in ("rows", "table", "runs", "setup", "errors")}
     lines += ["```", result["table"], "```"]
     if facts:
         lines.append(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in facts.items()))

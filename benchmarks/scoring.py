@@ -38,6 +38,14 @@ across commits. Counted for the path this device runs and, forced, for the path 
 hooks (a fixed cost per pass, which a GPU pays with its device idle); one process only:
 
     python benchmarks/scoring.py --count-ops --dtype bfloat16 --methods variance wanda
+
+``--check-exact`` times nothing either: it scores the batches once per method on the model's device and compares
+the scores with float64 ones computed on the host from the scored rows of every output projection's input, captured
+during a plain forward (variance: Var_n(X_nj)·‖W_:,j‖²; Wanda: RMS_n(X_nj)·Σ_i|W_ij|). It prints the largest
+relative error per method, which on a GPU is the rounding of the device's own float32 reductions (the tests check
+the CPU's). The captured rows are held in float64, so keep the shape small (the default one):
+
+    python benchmarks/scoring.py --check-exact --device cuda --dtype bfloat16 --methods variance wanda
 """
 
 from __future__ import annotations
@@ -61,7 +69,9 @@ from train_step import SIZES  # benchmarks/train_step.py
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ssah_peft import score_units
+from ssah_peft.quantization import dense_weight
 from ssah_peft.scoring import accumulators
+from ssah_peft.units import resolve_architecture
 
 
 def random_batches(vocab: int, batch: int, seq: int, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -163,6 +173,46 @@ def count_operators(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     return lines
 
 
+def largest_relative_errors(
+    model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], methods: list[str]
+) -> dict[str, float]:
+    """``--check-exact``: per method, the largest relative difference between a unit's score from ``score_units``
+    and its float64 score from the captured scored rows (see the module docstring)."""
+    projections = list(resolve_architecture(model.config).output_projections(model))
+    rows: dict[str, list[torch.Tensor]] = {name: [] for _, _, name, _ in projections}
+    masks: list[torch.Tensor] = []
+
+    def capture(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            rows[name].append(x.reshape(-1, x.shape[-1])[masks[-1].reshape(-1)].double().cpu())
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(capture(name)) for _, _, name, module in projections]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                masks.append(batch["score_mask"].to(batch["input_ids"].device) & batch["attention_mask"].bool())
+                model(**model_inputs(batch))
+    finally:
+        for handle in handles:
+            handle.remove()
+    errors = {}
+    for method in methods:
+        scores = score_units(model, batches, method=method, show_progress_bar=False)
+        worst = 0.0
+        for kind, layer, name, module in projections:
+            x, weight = torch.cat(rows[name]), dense_weight(module).double().cpu()
+            if method == "variance":
+                exact = x.var(dim=0) * weight.square().sum(dim=0)
+            else:
+                exact = x.square().mean(dim=0).sqrt() * weight.abs().sum(dim=0)
+            worst = max(worst, float(((scores[layer, kind] - exact).abs() / exact.abs()).max()))
+        errors[method] = worst
+    return errors
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), help="a shape of train_step.py; overrides the shape options")
@@ -182,6 +232,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--out", type=Path, help="write the table and every sample as JSON here")
     parser.add_argument("--count-ops", action="store_true", help="count what the hooks run instead of timing")
+    parser.add_argument(
+        "--check-exact", action="store_true", help="compare the scores with float64 ones instead of timing"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = args.device
@@ -193,8 +246,10 @@ def main() -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if args.batches < world:
         parser.error(f"--batches {args.batches} cannot be shared by {world} processes")
-    if args.count_ops and world > 1:
-        parser.error("--count-ops counts one process: run it without torchrun")
+    if (args.count_ops or args.check_exact) and world > 1:
+        parser.error("--count-ops and --check-exact run one process: run them without torchrun")
+    if "snip" in args.methods and args.check_exact:
+        parser.error("--check-exact compares variance and wanda scores; leave snip out of --methods")
     cuda = device.startswith("cuda")
 
     shape = dict(
@@ -220,6 +275,19 @@ def main() -> None:
             "one scoring pass per row"
         )
         print("\n".join(count_operators(model, batches, [m for m in args.methods if m != "snip"])))
+        return
+    if args.check_exact:
+        errors = largest_relative_errors(model, batches, args.methods)
+        setup = (
+            f"llama hidden={config.hidden_size} intermediate={config.intermediate_size} "
+            f"layers={config.num_hidden_layers} {args.dtype} on {device}; {args.batches} batches of "
+            f"{args.batch}x{args.seq}; largest relative error of a unit's score against float64"
+        )
+        table = "\n".join([setup, "", "| method | largest relative error |", "| --- | ---: |"])
+        table += "".join(f"\n| {method} | {error:.2e} |" for method, error in errors.items())
+        print(table)
+        if args.out:
+            args.out.write_text(json.dumps({"setup": setup, "errors": errors, "table": table}, indent=2))
         return
 
     def plain_forward() -> None:
