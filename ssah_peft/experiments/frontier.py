@@ -74,22 +74,20 @@ VARIANTS: tuple[str, ...] = (
 #: The block kinds a variant chooses from (the others choose from all).
 VARIANT_KINDS: dict[str, tuple[str, ...]] = {"ssah_attn": ("attn",), "ssah_mlp": ("mlp",)}
 #: The scorer whose map each chooser reads (``variance_std``: the variance map reclassified, :func:`standardized`).
+#: A ``random_<chooser>`` control reads its chooser's map, whose per-layer counts it copies; ``random`` copies SSAH's.
 CHOOSER_SCORERS: dict[str, str] = {
     "ssah": "variance",
     "wanda": "wanda",
     "snip": "snip",
     "random": "variance",
-    "random_wanda": "wanda",
-    "random_snip": "snip",
     "ssah_std": "variance_std",
-    "random_ssah_std": "variance_std",
     "ssah_attn": "variance",
-    "random_ssah_attn": "variance",
     "ssah_mlp": "variance",
-    "random_ssah_mlp": "variance",
     "ssah_prompt": "variance_prompt",
-    "random_ssah_prompt": "variance_prompt",
 }
+CHOOSER_SCORERS.update(
+    {c: CHOOSER_SCORERS[c.removeprefix("random_")] for c in RIVAL_CONTROLS + VARIANTS if c.startswith("random_")}
+)
 #: How the maps of :data:`CHOOSER_SCORERS` are scored, where that is not the scorer's own name on the responses
 #: (``variance_std`` is reclassified from the variance map, :func:`standardized`): (scoring method, tokens).
 SCORING_OF: dict[str, tuple[str, str]] = {"variance_prompt": ("variance", "prompt")}
