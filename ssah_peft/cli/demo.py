@@ -58,10 +58,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     preset = DemoConfig.quick if args.quick else DemoConfig.full
     config = preset(**({"run_dir": args.run_dir} if args.run_dir else {}))
-    if args.attacks:  # the migration runs of the attacks that run
-        attacks = list(dict.fromkeys(args.attacks))
-        migration_runs = [key for key in config.migration_runs if key.split("/")[0] in attacks]
-        config = replace(config, attacks=attacks, migration_runs=migration_runs)
+    if args.attacks:
+        config = config.with_attacks(args.attacks)
     check_output_dir(config.run_dir, "--run-dir")
     check_model_source(args.model, embedded=EMBEDDED_MODELS)
     if args.threads:

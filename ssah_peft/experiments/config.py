@@ -10,7 +10,8 @@ makes existing run directories refuse to resume; the learning-rate dicts are key
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,15 @@ class DemoConfig:
         unknown = [name for name in self.attacks if name not in ATTACK_SETS]
         if unknown or not self.attacks or len(set(self.attacks)) < len(self.attacks):
             raise ValueError(f"attacks must be distinct names of {ATTACK_SETS}, got {self.attacks}")
-        not_run = [key for key in self.migration_runs if key.split("/")[0] not in self.attacks]
+        not_run = [key for key in self.migration_runs if _attack_of(key) not in self.attacks]
         if not_run:
             raise ValueError(f"migration_runs {not_run} name attacks that do not run (attacks: {self.attacks})")
+
+    def with_attacks(self, attacks: Sequence[str]) -> DemoConfig:
+        """These settings running ``attacks`` (repeats dropped), with the migration runs of those attacks only."""
+        attacks = list(dict.fromkeys(attacks))
+        kept = [key for key in self.migration_runs if _attack_of(key) in attacks]
+        return replace(self, attacks=attacks, migration_runs=kept)
 
     @classmethod
     def full(cls, run_dir: Path = Path("runs/demo"), **overrides: Any) -> DemoConfig:
@@ -145,3 +152,8 @@ class DemoConfig:
         settings = asdict(self)
         del settings["run_dir"], settings["show_progress"], settings["attacks"]
         return settings
+
+
+def _attack_of(migration_run: str) -> str:
+    """The attack of a migration run's key (``data/method``)."""
+    return migration_run.split("/")[0]
