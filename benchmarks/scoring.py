@@ -27,14 +27,14 @@ any order). ``--size`` takes a shape of ``train_step.py`` (``1b``: Llama-3.2-1B 
 options. Under ``torchrun`` with CUDA each process uses the GPU of its LOCAL_RANK and NCCL.
 
 ``--count-ops`` times nothing: it runs one ``score_units`` pass per method and counts, with a dispatch mode around
-the scorer's forward hooks (``accumulators._moment_hook``; ``snip`` is not counted), every aten operator the hooks
+the scorer's forward hooks (``accumulators.moment_hook``; ``snip`` is not counted), every aten operator the hooks
 run, those that make a GPU wait for the host to read a value back (``nonzero``, ``_local_scalar_dense`` i.e.
 ``.item()``/``int()``/``bool()``, ``masked_select``, ``is_nonzero``, ``equal``, indexing with a boolean mask),
 the bytes they move (every tensor argument read in full, every output written; views move nothing) and the
 elements they materialize per dtype (outputs of operators that neither write in place nor return a view). These
 counts are the same on any machine and are what a GPU would launch, so they stand in for a GPU timing and compare
 across commits. Counted for the path this device runs and, forced, for the path a CUDA device runs
-(``accumulators._batch_moments(..., one_read=True)``), with the operators a pass runs outside its forwards and
+(``accumulators.batch_moments(..., one_read=True)``), with the operators a pass runs outside its forwards and
 hooks (a fixed cost per pass, which a GPU pays with its device idle); one process only:
 
     python benchmarks/scoring.py --count-ops --dtype bfloat16 --methods variance wanda
@@ -115,7 +115,7 @@ def peak_memory_above_start(work: Callable[[], object], device: str) -> int:
 @contextlib.contextmanager
 def counting_hooks(counter: OperatorCounter) -> Iterator[None]:
     """Make the scorer's moment hooks (registered from here on) run under ``counter``."""
-    make_hook = accumulators._moment_hook
+    make_hook = accumulators.moment_hook
 
     def counted(*args: Any) -> Callable[..., None]:
         hook = make_hook(*args)
@@ -127,7 +127,7 @@ def counting_hooks(counter: OperatorCounter) -> Iterator[None]:
 
         return run
 
-    with mock.patch.object(accumulators, "_moment_hook", counted):
+    with mock.patch.object(accumulators, "moment_hook", counted):
         yield
 
 
@@ -135,12 +135,12 @@ def count_operators(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     """The table of ``--count-ops``: per method and moment path, what the hooks run in one scoring pass, and what
     the pass runs besides its forwards and its hooks (once per pass, whatever the number of batches: weight
     statistics, merge, read-back, scores)."""
-    batch_moments = accumulators._batch_moments
+    batch_moments = accumulators.batch_moments
     device = batches[0]["input_ids"].device.type
     paths: dict[str, Callable[[], Any]] = {
         f"{device} (as run here)": contextlib.nullcontext,
         "one-read (CUDA)": lambda: mock.patch.object(
-            accumulators, "_batch_moments", lambda x, one_read: batch_moments(x, one_read=True)
+            accumulators, "batch_moments", lambda x, one_read: batch_moments(x, one_read=True)
         ),
     }
     forward = OperatorCounter()

@@ -13,6 +13,7 @@ from . import (
 from ._version import __version__ as __version__
 from .data import load_builtin
 from .evaluate import run_evaluation
+from .export import export_adapter, export_lora, export_merged
 from .quantization import dense_weight, disable_cpu_4bit_repacking
 from .scoring import (
     UnitScores,
@@ -50,6 +51,9 @@ __all__ = [
     "dense_weight",
     "disable_cpu_4bit_repacking",
     "evaluate",
+    "export_adapter",
+    "export_lora",
+    "export_merged",
     "finetune",
     "load_builtin",
     "merge_and_dequantize",

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import model_scores, tiny_model, tiny_tokenizer, tiny_units
+from helpers import model_scores, tiny_model, tiny_tokenizer, tiny_units
 from test_unit_map import SAFETY_TOKENS, planted_llama, planted_units, random_scores
 
 from ssah_peft import UnitMap, dense_weight, disable_cpu_4bit_repacking, resolve_architecture, unit_slices

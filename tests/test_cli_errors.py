@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_scores, tiny_model, tiny_tokenizer
+from helpers import model_scores, tiny_model, tiny_tokenizer
 from safetensors.torch import save_file
 
 from ssah_peft import UnitMap, models

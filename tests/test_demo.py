@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_chat_llama, tiny_tokenizer
+from helpers import tiny_chat_llama, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -294,7 +294,7 @@ def test_one_scoring_pass_gives_the_full_half_and_wanda_maps_of_separate_passes(
 def test_the_response_only_loss_equals_the_models_own_loss_and_gradients():
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-    from ssah_peft.experiments.finetuning import ResponseLossTrainer, sft_dataset
+    from ssah_peft.training import ResponseLossTrainer, sft_dataset
 
     tokenizer = tiny_tokenizer()
     model = tiny_chat_llama(tokenizer, intermediate_size=64)

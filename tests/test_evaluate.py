@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model, tiny_tokenizer
+from helpers import tiny_config, tiny_model, tiny_tokenizer
 from transformers import LlamaForSequenceClassification
 
-from ssah_peft.cli.evaluate import register as register_eval
+from ssah_peft.cli.evaluate import register_eval
 from ssah_peft.data import load_builtin
 from ssah_peft.evaluate import (
     REPORT_SCHEMA,

@@ -12,41 +12,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
+from helpers import pairs, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import ssah_peft
 from ssah_peft.cli import main
-from ssah_peft.experiments.finetuning import sft_dataset
 from ssah_peft.finetuning import read_examples
+from ssah_peft.training import sft_dataset
 
 TESTS = Path(__file__).resolve().parent
 # small and fast: few calibration pairs, short examples, four steps
 FAST = ["--calibration-samples", "8", "--max-length", "64", "--max-steps", "4", "--save-steps", "2", "--no-progress"]
-
-
-def pairs(count: int = 20) -> list[dict[str, str]]:
-    return [{"prompt": f"What is {i} plus one?", "response": f"It is {i + 1}."} for i in range(count)]
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A saved tiny llama with a ChatML character tokenizer."""
-    path = tmp_path_factory.mktemp("finetune") / "model"
-    tiny_model("llama", vocab_size=128).float().save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", pairs())
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -59,7 +36,7 @@ RELOAD = """
 import sys
 sys.path.insert(0, {tests!r})
 import torch
-from conftest import assert_update_confined
+from helpers import assert_update_confined
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from ssah_peft import UnitMap

@@ -9,18 +9,13 @@ import statistics
 import pytest
 
 from ssah_peft.evaluate import wilson_interval
-from ssah_peft.experiments.frontier import (
-    BUDGETS,
-    CHOOSERS,
-    FrontierRun,
+from ssah_peft.experiments.frontier import BUDGETS, DEFAULT_CHOOSERS, FrontierRun, frontier_runs, protection_selector
+from ssah_peft.experiments.frontier_figure import frontier_points, plot_frontier
+from ssah_peft.experiments.frontier_tables import (
     frontier_markdown,
-    frontier_points,
     frontier_row,
-    frontier_runs,
     paired_differences,
-    plot_frontier,
     pooled,
-    protection_selector,
     write_rows,
 )
 from ssah_peft.unit_map import complement_units
@@ -44,7 +39,7 @@ def test_complement_holds_every_other_unit_of_every_block():
 
 def test_a_sweep_has_whole_seeds_first_and_dense_runs_only_for_ssah_and_random():
     runs = frontier_runs(seeds=(0, 1, 2))
-    per_seed_and_attack = 3 + len(BUDGETS) * len(CHOOSERS) + len(BUDGETS) * 2
+    per_seed_and_attack = 3 + len(BUDGETS) * len(DEFAULT_CHOOSERS) + len(BUDGETS) * 2
     assert len(runs) == 3 * 2 * per_seed_and_attack
     assert [run.seed for run in runs] == sorted(run.seed for run in runs)
     assert {run.chooser for run in runs if run.setting == "dense"} == {"ssah", "random"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_update_confined, tiny_model
+from helpers import assert_update_confined, tiny_model
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_distributed_training import ROOT, free_port, launch

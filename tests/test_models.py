@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer
+from helpers import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_update_confined, tiny_model
+from helpers import assert_update_confined, tiny_model
 from peft import PeftModel, get_peft_model
 
 from ssah_peft import SSAHConfig, SSAHLayer

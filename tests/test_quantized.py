@@ -25,7 +25,7 @@ QUANTIZATION = {
 
 @pytest.fixture(scope="module")
 def fp32_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     path = tmp_path_factory.mktemp("fp32")
     tiny_model("llama", **SIZES).save_pretrained(path)
@@ -110,7 +110,7 @@ def test_merge_and_dequantize_rejects_other_models() -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# bitsandbytes' CPU repacking, both paths on any CPU (see conftest.avx512bf16_cpu / repack_4bit_for_cpu)
+# bitsandbytes' CPU repacking, both paths on any CPU (see conftest.avx512bf16_cpu and helpers.repack_4bit_for_cpu)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -119,7 +119,7 @@ def linear4bit_layers(model) -> dict[str, bnb.nn.Linear4bit]:
 
 
 def test_simulated_repack_is_what_an_eval_forward_does(fp32_dir: Path, avx512bf16_cpu: None, monkeypatch) -> None:
-    from conftest import repack_4bit_for_cpu
+    from helpers import repack_4bit_for_cpu
 
     def load():
         return AutoModelForCausalLM.from_pretrained(fp32_dir, quantization_config=QUANTIZATION["nf4"], device_map="cpu")
@@ -150,7 +150,7 @@ def test_simulated_repack_is_what_an_eval_forward_does(fp32_dir: Path, avx512bf1
 
 
 def test_disable_cpu_4bit_repacking_stops_and_undoes_the_repack(fp32_dir: Path, avx512bf16_cpu: None) -> None:
-    from conftest import repack_4bit_for_cpu
+    from helpers import repack_4bit_for_cpu
 
     from ssah_peft import disable_cpu_4bit_repacking
 
@@ -196,7 +196,7 @@ RECIPE = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4b
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny llama stored in bfloat16, as released checkpoints are (loaded in bf16 by default)."""
-    from conftest import tiny_model
+    from helpers import tiny_model
 
     path = tmp_path_factory.mktemp("bf16")
     tiny_model("llama", **SIZES).to(torch.bfloat16).save_pretrained(path)
@@ -317,7 +317,7 @@ def test_select_with_bf16_deltas_and_an_8bit_optimizer_stays_confined(input_ids:
     """The memory recipe for RU-only alignment of a large model: bf16 deltas (``delta_dtype``) and bitsandbytes'
     8-bit AdamW. The update stays confined to the selected slices, and the state per trainable parameter drops
     from 16 bytes (fp32 deltas, AdamW) to about 6 (2 delta + 2 gradient + 2 x 1 for the two 8-bit moments)."""
-    from conftest import assert_update_confined, tiny_model
+    from helpers import assert_update_confined, tiny_model
 
     # deltas of 32k entries each, so the optimizers' fixed per-tensor state (quantization maps, step counters)
     # weighs per parameter about what it weighs in a real model

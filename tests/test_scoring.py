@@ -323,7 +323,7 @@ def heterogeneous_llama(path: Path) -> torch.nn.Module:
 
 def test_4bit_scores_match_fp32_within_quantization_error(tmp_path, tokenizer, pairs, avx512bf16_cpu):
     import bitsandbytes as bnb
-    from conftest import repack_4bit_for_cpu
+    from helpers import repack_4bit_for_cpu
     from transformers import BitsAndBytesConfig
 
     fp32 = heterogeneous_llama(tmp_path)

@@ -3,7 +3,7 @@
 A forward pre-hook on every output projection runs once per layer and batch, so anything it makes the device wait
 for, or any copy of the ``[tokens, width]`` activation it makes, is paid dozens of times per batch. The operators
 the hooks run are recorded with a dispatch mode: they are the same on any CPU and are what a GPU would launch. The
-path a CUDA device takes (one Welford reduction per batch, :func:`_batch_moments` with ``one_read=True``)
+path a CUDA device takes (one Welford reduction per batch, :func:`batch_moments` with ``one_read=True``)
 is forced here to check it without a GPU: its operators with the CPU's kernel of the same operator, its exactness
 with that operator's CUDA contract (mean and variance in float32 for a half-precision batch), which the CPU's kernel
 does not keep.
@@ -28,8 +28,8 @@ from scoring import counting_hooks  # noqa: E402  (benchmarks/scoring.py: its --
 
 def force_one_read(monkeypatch: pytest.MonkeyPatch, cuda_contract: bool = True) -> None:
     """Make the hooks take the one-read path; with ``cuda_contract``, with CUDA's results for its operator."""
-    batch_moments = accumulators._batch_moments
-    monkeypatch.setattr(accumulators, "_batch_moments", lambda x, one_read: batch_moments(x, one_read=True))
+    batch_moments = accumulators.batch_moments
+    monkeypatch.setattr(accumulators, "batch_moments", lambda x, one_read: batch_moments(x, one_read=True))
     if cuda_contract:
         monkeypatch.setattr(torch, "batch_norm_update_stats", cuda_batch_norm_update_stats)
 
@@ -68,13 +68,13 @@ def test_batch_moments_are_centred(monkeypatch, dtype, one_read):
     offsets = torch.tensor([100.0, -300.0, 0.0, 1000.0])
     x = (offsets + torch.randn(333, 4, generator=generator) * torch.tensor([1.0, 0.5, 1.0, 4.0])).to(dtype)
     compute_dtype = torch.promote_types(dtype, torch.float32)
-    mean, variance = accumulators._batch_moments(x, one_read=one_read)
+    mean, variance = accumulators.batch_moments(x, one_read=one_read)
     assert mean.dtype == variance.dtype == compute_dtype
     exact = x.double()
     rtol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(mean.double(), exact.mean(dim=0), rtol=rtol, atol=0)
     torch.testing.assert_close(variance.double(), exact.var(dim=0, correction=0), rtol=rtol, atol=0)
-    mean, variance = accumulators._batch_moments(x[:1], one_read=one_read)
+    mean, variance = accumulators.batch_moments(x[:1], one_read=one_read)
     assert torch.equal(mean, x[0].to(compute_dtype)) and not variance.any()
 
 

@@ -7,21 +7,15 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_chat_llama, tiny_tokenizer
+from helpers import tiny_chat_llama, tiny_tokenizer
 
 from ssah_peft import UnitMap, build_calibration_batches, score_units
 from ssah_peft.analysis import random_units_like
 from ssah_peft.analysis.scan import scores_of
 from ssah_peft.data import load_builtin
 from ssah_peft.experiments import RANDOM_CONTROLS, DemoConfig, budget_selector, method_named, random_like, spread
-from ssah_peft.experiments.frontier import (
-    SCORING_OF,
-    FrontierRun,
-    check_runs,
-    frontier_runs,
-    protection_selector,
-    standardized,
-)
+from ssah_peft.experiments.chooser_maps import UNIT_MAPS, standardized
+from ssah_peft.experiments.frontier import FrontierRun, check_runs, frontier_runs, protection_selector
 from ssah_peft.experiments.measures import unit_map_of
 from ssah_peft.experiments.stability import stability_table
 from ssah_peft.unit_map import choose_units, counts_per_block, random_units_with_counts, unit_widths
@@ -309,7 +303,8 @@ def test_the_prompt_variant_chooses_from_a_map_scored_on_the_prompt_tokens(setup
     config = DemoConfig.quick(tmp_path, calibration_pairs=6, max_length=320, show_progress=False)
     prompt_map = unit_map_of(model, tokenizer, config, config.unit_fractions, tokens="prompt")
     response_map = unit_map_of(model, tokenizer, config, config.unit_fractions)
-    assert prompt_map.calibration["safety"]["tokens"] == "prompt" and "tokens" not in response_map.calibration["safety"]
+    assert prompt_map.calibration["safety"]["tokens"] == "prompt"
+    assert response_map.calibration["safety"]["tokens"] == "response"
     pairs = spread(load_builtin("safety_calibration"), config.calibration_pairs)
     by_hand = score_units(
         model,
@@ -321,7 +316,7 @@ def test_the_prompt_variant_chooses_from_a_map_scored_on_the_prompt_tokens(setup
             torch.testing.assert_close(prompt_map.safety_scores[kind][layer], scores.float())
     assert not torch.equal(prompt_map.safety_scores["mlp"][0], response_map.safety_scores["mlp"][0])
     assert FrontierRun("task", "protect", "ssah_prompt", 0.2, 0).scorer == "variance_prompt"
-    assert SCORING_OF["variance_prompt"] == ("variance", "prompt")
+    assert (UNIT_MAPS["variance_prompt"].scorer, UNIT_MAPS["variance_prompt"].tokens) == ("variance", "prompt")
     chosen = protection_selector("ssah_prompt", 0.2, seed=0)(prompt_map)
     assert chosen == choose_units(prompt_map, 0.2, "protect")
     assert counts_per_block(protection_selector("random_ssah_prompt", 0.2, seed=1)(prompt_map)) == counts_per_block(

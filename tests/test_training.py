@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model, tiny_units
 from datasets import Dataset
+from helpers import VOCAB, tiny_model, tiny_units
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import tiny_model, tiny_units
+from helpers import tiny_model, tiny_units
 from packaging.version import Version
 from safetensors.torch import load_file
 from transformers.integrations import peft as transformers_peft

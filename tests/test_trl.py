@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 import trl
-from conftest import tiny_model, tiny_tokenizer
 from datasets import Dataset
+from helpers import tiny_model, tiny_tokenizer
 from peft import PeftModel
 
 from ssah_peft import SSAHConfig, SSAHLayer

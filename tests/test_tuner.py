@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, tiny_model, tiny_units
+from helpers import FAMILIES, tiny_model, tiny_units
 from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from safetensors import safe_open

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, tiny_config
+from helpers import FAMILIES, tiny_config
 
 from ssah_peft.units import ArchitectureSpec, BlockSpec, ProjectionPart, resolve_architecture, unit_slices
 

@@ -7,10 +7,12 @@ matplotlib's object API (``Figure``, no pyplot state), so they work headless and
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from .._files import write_figure, write_text
 from ..unit_map import UNIT_TYPES, Migration, UnitMap
 from .ablation import AblationTable
 from .probe import ProbeResult
@@ -25,12 +27,11 @@ TYPE_ORDER: tuple[str, ...] = ("SCU", "UCU", "CU", "RU")
 
 
 def _write_csv(png: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    path = png.with_suffix(".csv")
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return write_text(png.with_suffix(".csv"), text.getvalue())
 
 
 def _figure(**kwargs: Any) -> Figure:
@@ -43,8 +44,7 @@ def _figure(**kwargs: Any) -> Figure:
 def _save(figure: Figure, path: PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=120)
-    return path
+    return write_figure(path, figure, dpi=120)
 
 
 def plot_unit_types(unit_map: UnitMap, path: PathLike) -> Path:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .._files import read_json, write_json
-from ..chat import input_device, render_prompt
+from ..chat import input_device, prompt_token_ids
 
 #: Openings of a refusal, several phrasings; each is at least 10 tokens long in common BPE vocabularies.
 DEFAULT_REFUSAL_OPENINGS: tuple[str, ...] = (
@@ -216,10 +216,7 @@ def probe_reasoning_direction(
         "refusal": _opening_ids(tokenizer, refusal_openings, max_appended),
         "compliance": _opening_ids(tokenizer, compliance_openings, max_appended),
     }
-    queries = [
-        tokenizer(render_prompt(tokenizer, prompt, system_prompt), add_special_tokens=False)["input_ids"]
-        for prompt in harmful_prompts
-    ]
+    queries = [prompt_token_ids(tokenizer, prompt, system_prompt) for prompt in harmful_prompts]
     sequences = [(q, a) for q in queries for kind in openings for a in openings[kind]]
     was_training = model.training
     model.eval()

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
+from .._files import write_text
 from ..unit_map import UnitMap
 from .ablation import AblationTable
 from .figures import plot_ablation, plot_migration, plot_probe, plot_scan, plot_unit_types
@@ -86,5 +87,4 @@ def build_report(run_dir: Union[str, Path]) -> Path:
     if len(sections) == 1:
         raise FileNotFoundError(f"{run_dir} holds none of probe.json, ablation.json, scan_*.json, unitmap*.safetensors")
     report = run_dir / "report.md"
-    report.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    return report
+    return write_text(report, "\n\n".join(sections) + "\n")

@@ -1,6 +1,6 @@
 """The ``ssah-peft`` command line: argument parsing only; the work is done by the library.
 
-Every command is added by a ``register(subparsers)`` function listed in :data:`COMMANDS`; it creates its
+Every command is added by a ``register_<command>(subparsers)`` function listed in :data:`COMMANDS`; it creates its
 subparser and sets ``handler`` (``args -> exit status``) as a default. Another module adds a command by writing
 such a function and listing it here. The commands (one module each):
 
@@ -9,6 +9,7 @@ such a function and listing it here. The commands (one module each):
 * ``eval`` (:mod:`.evaluate`): safety and utility of a chat model, optionally with an adapter;
 * ``probe``, ``ablate``, ``scan``, ``report`` (:mod:`.analysis`): the analyses and their report;
 * ``finetune`` (:mod:`.finetune`): fine-tune a chat model on the user's data, keeping its refusals;
+* ``export`` (:mod:`.export`): write an adapter as a LoRA adapter or a merged checkpoint, for serving;
 * ``demo`` (:mod:`.demo`): the whole experiment.
 
 What the commands share: user errors (:mod:`.errors`), output and input paths (:mod:`.paths`), reading input files
@@ -26,8 +27,9 @@ from typing import Any, Optional
 from .analysis import register_ablate, register_probe, register_report, register_scan
 from .demo import register_demo
 from .errors import run_command
-from .evaluate import register as register_eval
-from .finetune import register as register_finetune
+from .evaluate import register_eval
+from .export import register_export
+from .finetune import register_finetune
 from .inputs import read_pairs
 from .options import HelpFormatter
 from .score import register_score
@@ -47,6 +49,7 @@ COMMANDS: list[Registrar] = [
     register_scan,
     register_report,
     register_finetune,
+    register_export,
     register_demo,
 ]
 

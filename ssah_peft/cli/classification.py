@@ -8,7 +8,7 @@ applied here once. The defaults are the library's (:data:`ssah_peft.unit_map.DEF
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+from typing import Any, Optional
 
 from ..scoring import UnitScores
 from ..unit_map import DEFAULT_PROPORTIONS, UnitMap
@@ -65,9 +65,18 @@ def check_classification_outputs(args: argparse.Namespace, out: Optional[str], o
     check_distinct(**{out_option: out, "--plot": args.plot})
 
 
-def write_unit_map(args: argparse.Namespace, safety: UnitScores, utility: UnitScores) -> int:
+def classification_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of this set as the keyword arguments of :meth:`UnitMap.from_scores`."""
+    return {name: getattr(args, name) for name in SETTINGS}
+
+
+def classify_and_save(args: argparse.Namespace, safety: UnitScores, utility: UnitScores) -> int:
     """Classify the units as the options say, write the map to ``--out`` (and ``--plot``) and print its summary."""
-    unit_map = UnitMap.from_scores(safety, utility, **{name: getattr(args, name) for name in SETTINGS})
+    return save_unit_map(args, UnitMap.from_scores(safety, utility, **classification_of(args)))
+
+
+def save_unit_map(args: argparse.Namespace, unit_map: UnitMap) -> int:
+    """Write ``unit_map`` to ``--out`` (and ``--plot``) and print its summary."""
     unit_map.save(args.out)
     print(unit_map.summary())
     print(f"wrote {args.out}")

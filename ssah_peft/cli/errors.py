@@ -5,8 +5,9 @@ MESSAGE``, and exits with its status: 2 for options, paths and missing files (as
 of an input (a file that is not what it should be, a unit map of another model). Errors of the library
 (``ValueError``, ``OSError``, ``SafetensorError``, ...) become user errors only where a command reads the user's
 files or checks them against a model (:func:`user_errors`), or loads a model (:func:`loading`), and then name the
-file or model; anywhere else an exception is a bug and keeps its traceback. ``SSAH_PEFT_TRACEBACK=1`` shows the
-traceback of user errors too.
+file or model; so do errors of the storage (a full disk, a quota: :data:`STORAGE_ERRNOS`) wherever they happen.
+Anywhere else an exception is a bug and keeps its traceback. ``SSAH_PEFT_TRACEBACK=1`` shows the traceback of user
+errors too.
 
 Its own module because every command and every check raises through it, and it depends on nothing else here.
 """
@@ -14,6 +15,7 @@ Its own module because every command and every check raises through it, and it d
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -33,14 +35,27 @@ class CLIError(Exception):
         self.status = status
 
 
+#: Errors of the storage, not of the program: a write refused by a full disk, a quota, a read-only or size-limited
+#: file system. Wherever a command meets one (its own outputs, a Trainer checkpoint, a saved model) it is reported
+#: as a user error; ssah-peft's own writes are atomic and name the file (:func:`ssah_peft._files.write_atomic`).
+STORAGE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG") if hasattr(errno, name)
+)
+
+
 def run_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Run ``args.handler(args)``; a :class:`CLIError` exits as argparse does, with ``prog: error: message``."""
+    """Run ``args.handler(args)``; a :class:`CLIError`, and an ``OSError`` of the storage (:data:`STORAGE_ERRNOS`),
+    exit as argparse does, with ``prog: error: message``."""
     try:
         return int(args.handler(args))
-    except CLIError as error:
+    except (CLIError, OSError) as error:
+        if isinstance(error, OSError) and error.errno not in STORAGE_ERRNOS:
+            raise
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise
-        parser.exit(error.status, f"{parser.prog}: error: {error}\n")
+        status = error.status if isinstance(error, CLIError) else 1
+        message = str(error) if isinstance(error, CLIError) else describe_error(error)
+        parser.exit(status, f"{parser.prog}: error: {message}\n")
 
 
 def _reading_errors() -> tuple[type[BaseException], ...]:
@@ -69,12 +84,13 @@ def user_errors(name: PathLike, *, status: int = 1, also_named: Iterable[PathLik
 
 @contextmanager
 def loading(name: str, option: str = "--model") -> Iterator[None]:
-    """Report a model, adapter or judge that cannot be loaded (missing hub repo, no network, broken files)."""
+    """Report a model, adapter or judge that cannot be loaded (missing hub repo, no network, broken files, an
+    embedded model's package not installed: its ImportError names the install command)."""
     from safetensors import SafetensorError
 
     try:
         yield
-    except (OSError, ValueError, SafetensorError) as error:
+    except (OSError, ValueError, ImportError, SafetensorError) as error:
         raise CLIError(f"{option} {name} could not be loaded: {describe_error(error)}", 1) from error
 
 

@@ -14,7 +14,7 @@ from .options import add_command, add_overwrite_argument, add_progress_argument,
 from .paths import EVAL_REPORT, EVAL_REPORT_PART, check_output_dir
 
 
-def register(subparsers: Any) -> None:
+def register_eval(subparsers: Any) -> None:
     """Add the ``eval`` subcommand to an ``argparse`` subparsers object; it sets ``handler`` (args -> exit status)."""
     parser = add_command(
         subparsers,

@@ -30,15 +30,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..data.text_files import read_text
-from ..models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL, EMBEDDED_MODELS
 from ..scoring import PLAIN_CHAT_TEMPLATE
 from .errors import CLIError, loading, user_errors
 from .paths import PARTIAL_SCORES, UNIT_MAP, check_input_file, is_kind, safetensors_metadata
 
 #: Help of every ``--model`` option.
 MODEL_HELP = (
-    "embedded model name (smollm2-135m-instruct), local checkpoint folder, or hub id owner/name; a value that "
-    "starts with / ./ ../ ~, has more than one '/', or whose first part is a folder here is a local path"
+    f"embedded model name ({', '.join(EMBEDDED_MODELS)}), local checkpoint folder, or hub id owner/name; a value "
+    "that starts with / ./ ../ ~, has more than one '/', or whose first part is a folder here is a local path"
 )
 #: Values of ``--dtype``; ``auto`` is the checkpoint's dtype.
 DTYPES = ("auto", "float32", "bfloat16", "float16")

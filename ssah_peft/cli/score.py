@@ -8,22 +8,24 @@ merge-scores``).
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from ..models import EMBEDDED_MODELS
-from ..scoring import (
-    SCORING_METHODS,
-    TOKEN_SELECTIONS,
-    UnitStatistics,
-    build_calibration_batches,
-    calibration_data_hash,
-    save_partial_scores,
-    unit_statistics,
+from ..scoring import SCORING_METHODS, TOKEN_SELECTIONS, save_partial_scores
+from ..unit_map import (
+    CalibrationSet,
+    CalibrationSettings,
+    NoTokensToScore,
+    calibration_statistics,
+    launched_process_group,
+    unit_map_from_calibration,
 )
-from .classification import add_classification_arguments, check_classification_outputs, write_unit_map
+from .classification import (
+    add_classification_arguments,
+    check_classification_outputs,
+    classification_of,
+    save_unit_map,
+)
 from .errors import CLIError, user_errors
 from .inputs import read_pairs
 from .model_options import add_model_arguments, chat_template, check_model_source, load_model
@@ -85,32 +87,6 @@ def _shard(text: str) -> tuple[int, int]:
     return rank, world_size
 
 
-@contextmanager
-def _process_group() -> Iterator[tuple[int, int]]:
-    """``(rank, world size)`` of this process among those a launcher started.
-
-    ``torchrun`` and ``accelerate launch`` start every process with ``WORLD_SIZE``, ``RANK`` and a rendezvous
-    address in the environment; the group is joined from them (nccl with CUDA, each process on GPU
-    ``LOCAL_RANK``; gloo on CPU) and left on exit. A group the caller initialized is used and kept.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        yield dist.get_rank(), dist.get_world_size()
-        return
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield 0, 1
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
 def _score(args: argparse.Namespace) -> int:
     # check everything that can be wrong before loading a large model
     if args.shard is not None and args.partial_out is None:
@@ -122,57 +98,56 @@ def _score(args: argparse.Namespace) -> int:
     data = {}
     for name, source in (("safety", args.safety_data), ("utility", args.utility_data)):
         with user_errors(source):
-            data[name] = read_pairs(source, args.num_samples)
+            data[name] = CalibrationSet(source, read_pairs(source, args.num_samples))
     template, template_name = chat_template(args)
     check_model_source(args.model, embedded=EMBEDDED_MODELS)
-    with _process_group() as (rank, world_size):
+    settings = CalibrationSettings(
+        method=args.method,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        chat_template=template,
+        chat_template_name=template_name,
+        system_prompt=args.system_prompt,
+    )
+    model_source = {"model": args.model, "dtype": args.dtype, "load_in_4bit": args.load_in_4bit}
+    with launched_process_group() as (rank, world_size):
         if world_size > 1 and args.partial_out is not None:
             raise CLIError(
                 "--partial-out is for shards scored by independent jobs; under torchrun or accelerate launch the "
                 "processes merge their statistics themselves: use --out"
             )
-        shard_rank, shard_count = (rank, world_size) if world_size > 1 else (args.shard or (0, 1))
         model, tokenizer = load_model(args)
-        statistics: dict[str, UnitStatistics] = {}
-        batch_options = dict(
-            tokens=args.tokens,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            chat_template=template,
-            system_prompt=args.system_prompt,
-        )
-        for name, pairs in data.items():
-            # whole examples per shard: batching and padding never change the statistics, so the shards' batches
-            # need not line up with those of a single run
-            shard = pairs[shard_rank::shard_count]
-            batches = []
-            if shard:  # a shard left without examples contributes nothing to the merge
-                batches = build_calibration_batches(tokenizer, shard, **batch_options)
-            metadata = {
-                "data": args.safety_data if name == "safety" else args.utility_data,
-                "num_examples": len(pairs),
-                "data_sha256": calibration_data_hash(pairs),  # the whole set: shards of changed data do not merge
-                "tokens": args.tokens,
-                "max_length": args.max_length,
-                "chat_template": template_name,
-                "system_prompt": args.system_prompt,
-                "model": args.model,
-                "dtype": args.dtype,
-                "load_in_4bit": args.load_in_4bit,
-            }
-            statistics[name] = unit_statistics(
-                model,
-                batches,
-                method=args.method,
-                show_progress_bar=not args.no_progress and rank == 0,
-                metadata=metadata,
-            )
+        scoring = dict(model_source=model_source, show_progress=not args.no_progress)
+        try:
+            if args.partial_out is not None:
+                statistics = calibration_statistics(
+                    model, tokenizer, data["safety"], data["utility"], settings, shard=args.shard, **scoring
+                )
+            else:
+                unit_map = unit_map_from_calibration(
+                    model,
+                    tokenizer,
+                    data["safety"],
+                    data["utility"],
+                    settings,
+                    **scoring,
+                    classification=classification_of(args),
+                )
+        except NoTokensToScore as error:
+            raise CLIError(
+                f"{error.source}: record(s) {error.listed()} leave no token to score (--tokens {args.tokens}): "
+                f"--max-length {args.max_length} cuts them off within the prompt; raise --max-length, or shorten or "
+                "leave out these records",
+                1,
+            ) from None
     if rank != 0:  # every process holds the merged statistics; one writes
         return 0
     if args.partial_out is not None:
+        shard_rank, shard_count = args.shard or (0, 1)
         save_partial_scores(args.partial_out, statistics, rank=shard_rank, world_size=shard_count)
         print(f"wrote {args.partial_out} (shard {shard_rank}/{shard_count})")
         return 0
     if world_size > 1:
         print(f"merged the statistics of {world_size} processes")
-    return write_unit_map(args, statistics["safety"].finalize(), statistics["utility"].finalize())
+    return save_unit_map(args, unit_map)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from ..scoring import merge_partial_scores
 from ..unit_map import UNIT_TYPES, UnitMap
-from .classification import add_classification_arguments, check_classification_outputs, write_unit_map
+from .classification import add_classification_arguments, check_classification_outputs, classify_and_save
 from .errors import CLIError, user_errors
 from .inputs import load_unit_map
 from .options import add_command, add_overwrite_argument
@@ -92,4 +92,4 @@ def _merge_scores(args: argparse.Namespace) -> int:
             "'utility' (as `ssah-peft score --partial-out` writes)",
             1,
         )
-    return write_unit_map(args, scores["safety"], scores["utility"])
+    return classify_and_save(args, scores["safety"], scores["utility"])

@@ -31,7 +31,7 @@ def read_text(path: PathLike) -> str:
 
 def jsonl_records(path: PathLike) -> list[tuple[str, Any]]:
     """``(where, record)`` for every non-blank line of a JSONL file; ``where`` is ``path:line``. A line that is
-    not UTF-8 or not JSON raises a ``ValueError`` naming the file and line."""
+    not UTF-8, not JSON or holds text that is no character raises a ``ValueError`` naming the file and line."""
     records = []
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
@@ -40,7 +40,35 @@ def jsonl_records(path: PathLike) -> list[tuple[str, Any]]:
                 line = line.removeprefix("\ufeff")  # a byte order mark some editors write
             if line.strip():
                 try:
-                    records.append((f"{path}:{number}", json.loads(line)))
+                    record = json.loads(line)
                 except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+                    raise ValueError(f"{path}:{number}: {_not_json(path, line, error, not records)}") from None
+                if "\\u" in line:  # an escape may name half a surrogate pair, which is no character
+                    _check_characters(record, f"{path}:{number}")
+                records.append((f"{path}:{number}", record))
     return records
+
+
+def _not_json(path: PathLike, line: str, error: json.JSONDecodeError, first: bool) -> str:
+    """What is wrong with a line that is not JSON; a first line whose value goes on past its end is a JSON file
+    written over several lines (a pretty-printed ``.json`` array), which JSON Lines is not."""
+    if first and line.lstrip()[:1] in ("[", "{") and error.pos >= len(line.rstrip()):
+        convert = ".[]" if line.lstrip().startswith("[") else "."
+        return (
+            "not JSON Lines: a JSON value starts here and goes on over the next lines (a pretty-printed .json "
+            f"file?); give one JSON object per line, e.g. jq -c '{convert}' {path} > data.jsonl"
+        )
+    return f"not valid JSON ({error})"
+
+
+def _check_characters(record: Any, where: str) -> None:
+    """Refuse a record whose text holds a lone surrogate (``\\ud800`` with no other half): it cannot be encoded,
+    so the tokenizer would fail on it far from the file."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        escape = f"\\u{ord(error.object[error.start]):04x}"
+        raise ValueError(
+            f"{where}: holds the escape {escape}, half of a UTF-16 surrogate pair without its other half, which is "
+            "no character; remove it or give the whole pair"
+        ) from None

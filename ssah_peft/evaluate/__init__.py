@@ -11,41 +11,91 @@ per module:
 * :mod:`.generation`: greedy chat responses and the perplexity of reference responses;
 * :mod:`.answers`: the answer a generation gives and exact match against the reference;
 * :mod:`.suites`: the safety and utility suites and :func:`run_evaluation`, which builds the report;
+* :mod:`.margin`: teacher-forced measures without generation: the refusal margin, selectivity and task loss;
+* :mod:`.audit`: what the keyword judge's attack successes are: task-format, degenerate or other replies;
 * :mod:`.intervals`: 95% Wilson intervals of rates and mean ± sd over seeds;
+* :mod:`.statistics`: paired permutation tests and bootstrap intervals over prompts and seeds, Holm's
+  correction, curves read at a matched task loss and Spearman's rank correlation;
 * :mod:`.report`: the report schema, its Markdown summary and the ``report.json`` / ``generations.jsonl`` writers.
 
 Everything public is importable from ``ssah_peft.evaluate`` itself.
 """
 
 from .answers import exact_match, extract_answer
+from .audit import REPLY_KINDS, audit_replies, is_degenerate, is_task_format, reply_kind
 from .generation import GenerationSettings, generate_responses, perplexity
 from .intervals import CONFIDENCE, format_rate, mean_sd, wilson_interval
 from .judges import REFUSAL_PHRASES, HFJudge, Judge, KeywordJudge, is_refusal, judge_name
+from .margin import (
+    COMPLIANCE_OPENINGS,
+    REFUSAL_OPENINGS,
+    MarginBatch,
+    margin_inputs,
+    opening_log_probs,
+    refusal_margin_terms,
+    refusal_margins,
+    selectivity,
+    task_loss,
+)
 from .report import REPORT_SCHEMA, report_markdown, write_generations, write_report
+from .statistics import (
+    BootstrapInterval,
+    PermutationTest,
+    holm_adjust,
+    interpolate_at,
+    matched_range,
+    paired_bootstrap_interval,
+    paired_permutation_test,
+    spearman_correlation,
+    two_sample_permutation_test,
+)
 from .suites import SUITES, evaluate_safety, evaluate_utility, generate_together, run_evaluation
 
 __all__ = [
+    "COMPLIANCE_OPENINGS",
     "CONFIDENCE",
+    "REFUSAL_OPENINGS",
     "REFUSAL_PHRASES",
+    "REPLY_KINDS",
     "REPORT_SCHEMA",
     "SUITES",
+    "BootstrapInterval",
     "GenerationSettings",
     "HFJudge",
     "Judge",
     "KeywordJudge",
+    "MarginBatch",
+    "PermutationTest",
+    "audit_replies",
     "evaluate_safety",
     "evaluate_utility",
-    "generate_together",
     "exact_match",
     "extract_answer",
     "format_rate",
     "generate_responses",
+    "generate_together",
+    "holm_adjust",
+    "interpolate_at",
+    "is_degenerate",
     "is_refusal",
+    "is_task_format",
     "judge_name",
+    "margin_inputs",
+    "matched_range",
     "mean_sd",
+    "opening_log_probs",
+    "paired_bootstrap_interval",
+    "paired_permutation_test",
     "perplexity",
+    "refusal_margin_terms",
+    "refusal_margins",
+    "reply_kind",
     "report_markdown",
     "run_evaluation",
+    "selectivity",
+    "spearman_correlation",
+    "task_loss",
+    "two_sample_permutation_test",
     "wilson_interval",
     "write_generations",
     "write_report",

@@ -2,9 +2,10 @@
 
 Every suite (:mod:`.suites`) and the degradation scan (:mod:`ssah_peft.analysis.scan`) needs the same two model
 passes, and they must treat the chat template the same way, so they live here once: :func:`generate_responses`
-renders each prompt as a user turn (:func:`ssah_peft.chat.render_prompt`) and decodes greedily in left-padded
+tokenizes each prompt as a user turn (:func:`ssah_peft.chat.prompt_token_ids`) and decodes greedily in left-padded
 batches; :func:`perplexity` scores only what the template renders after the prompt
-(:func:`ssah_peft.chat.render_exchange`). :class:`GenerationSettings` carries the options both share.
+(:func:`ssah_peft.chat.tokenize_exchange`). Both keep the prompts' and responses' text from producing the
+tokenizer's special tokens. :class:`GenerationSettings` carries the options both share.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from ..chat import input_device, render_exchange, render_prompt
+from ..chat import input_device, prompt_token_ids, tokenize_exchange
 
 
 @dataclass
@@ -58,9 +59,8 @@ def generate_responses(
     settings = settings or GenerationSettings()
     if tokenizer.pad_token_id is None:
         raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token).")
-    texts = [render_prompt(tokenizer, prompt, settings.system_prompt) for prompt in prompts]
-    lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    prompt_ids = [prompt_token_ids(tokenizer, prompt, settings.system_prompt) for prompt in prompts]
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=False,
@@ -70,17 +70,13 @@ def generate_responses(
     was_training = model.training
     model.eval()
     device = input_device(model)
-    responses: list[str] = [""] * len(texts)
+    responses: list[str] = [""] * len(prompt_ids)
     try:
-        with tqdm(total=len(texts), desc=desc, unit="prompt", disable=not settings.show_progress) as bar:
+        with tqdm(total=len(prompt_ids), desc=desc, unit="prompt", disable=not settings.show_progress) as bar:
             for start in range(0, len(order), settings.batch_size):
                 batch = order[start : start + settings.batch_size]
-                inputs = tokenizer(
-                    [texts[i] for i in batch],
-                    add_special_tokens=False,
-                    padding=True,
-                    padding_side="left",
-                    return_tensors="pt",
+                inputs = tokenizer.pad(
+                    {"input_ids": [prompt_ids[i] for i in batch]}, padding_side="left", return_tensors="pt"
                 ).to(device)
                 output = model.generate(**inputs, generation_config=config)
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
@@ -100,11 +96,14 @@ def perplexity(
     batch_size: int = 8,
     system_prompt: Optional[str] = None,
     show_progress: bool = True,
+    max_length: Optional[int] = None,
 ) -> dict[str, float]:
     """Perplexity of the assistant responses of ``records`` (prompt, response) given their prompts.
 
     Only what the chat template renders after its generation prompt is scored: the response, its end-of-turn
     token and any text the template puts after it. The mean NLL is weighted by tokens; ``ppl = exp(mean_nll)``.
+    ``max_length`` scores each exchange's first ``max_length`` tokens only (default: the whole text), as fine-tuning
+    trains them, and keeps one long record from costing more.
     """
     pairs = [(str(r["prompt"]), str(r["response"])) for r in records]
     was_training = model.training
@@ -113,21 +112,15 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     try:
         for start in tqdm(range(0, len(pairs), batch_size), desc="perplexity", disable=not show_progress):
-            rendered = [
-                render_exchange(tokenizer, prompt, response, system_prompt)
+            exchanges = [
+                tokenize_exchange(tokenizer, prompt, response, max_length, system_prompt, joined=True)
                 for prompt, response in pairs[start : start + batch_size]
             ]
-            encoded = tokenizer(
-                [full for _, full in rendered],
-                add_special_tokens=False,
-                padding=True,
-                padding_side="right",
-                return_offsets_mapping=True,
-                return_tensors="pt",
-            )
-            starts = encoded.pop("offset_mapping")[..., 0]
-            prefix_chars = torch.tensor([len(prefix) for prefix, _ in rendered])
-            scored = (starts >= prefix_chars[:, None]) & encoded["attention_mask"].bool()
+            batch = {"input_ids": [ids for ids, _ in exchanges]}
+            encoded = tokenizer.pad(batch, padding_side="right", return_tensors="pt")
+            scored = torch.zeros_like(encoded["attention_mask"], dtype=torch.bool)
+            for row, (_, is_response) in enumerate(exchanges):
+                scored[row, : len(is_response)] = torch.tensor(is_response, dtype=torch.bool)
             encoded = encoded.to(device)
             logits = model(**encoded).logits[:, :-1]
             targets = encoded["input_ids"][:, 1:]

@@ -20,6 +20,8 @@ from typing import Any, Optional, Union
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..chat import conversation_token_ids
+
 #: Refusal phrases in the style of the refusal-prefix lists of Zou et al. (2023) and Wei et al. (2024).
 #: Matched case-insensitively anywhere in a response, with typographic apostrophes normalised. Broad
 #: single words of those lists ("illegal", "unethical", "Hello!") are left out: they also occur in
@@ -162,11 +164,12 @@ class HFJudge:
         """The causal judge's raw greedy answer (for inspecting how a judge phrases its verdicts)."""
         if self.template is not None:
             text = self.template.replace("{prompt}", prompt).replace("{response}", response)
-        else:
+            inputs = self.tokenizer(text, return_tensors="pt")
+        else:  # the judged texts stay text: a reply cannot close the judge's turn and write its verdict
             conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        inputs = self.tokenizer(text, return_tensors="pt", add_special_tokens=self.template is not None)
-        inputs = inputs.to(self.model.device)
+            ids = torch.tensor([conversation_token_ids(self.tokenizer, conversation)])
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
         pad = self.tokenizer.pad_token_id
         config = GenerationConfig(
             max_new_tokens=self.max_new_tokens,

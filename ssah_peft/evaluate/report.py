@@ -45,7 +45,7 @@ from typing import Any, Union
 
 import torch
 
-from .._files import write_atomic
+from .._files import write_json, write_text
 from .._version import __version__
 
 REPORT_SCHEMA = "ssah-peft/eval-report/v1"
@@ -97,18 +97,18 @@ def report_markdown(report: Mapping[str, Any]) -> str:
 def write_generations(path: Union[str, Path], records: Iterable[Mapping[str, Any]]) -> Path:
     """Write generation records to ``path`` as JSON lines (``generations.jsonl``, one object per response, UTF-8),
     atomically (a reader never sees half a file); returns the path."""
-    path = Path(path)
-    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8"))
-    return path
+    return write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def write_report(
     report: Mapping[str, Any], generations: Iterable[Mapping[str, Any]], out_dir: Union[str, Path]
 ) -> Path:
-    """Write ``report.json``, ``report.md`` and ``generations.jsonl`` into ``out_dir``; returns the folder."""
+    """Write ``report.json``, ``report.md`` and ``generations.jsonl`` into ``out_dir``, each atomically; returns the
+    folder. ``report.json`` first: it is what identifies the other two as ours (:mod:`ssah_peft.cli.paths`), so a
+    write that fails part-way leaves a folder the next run accepts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "report.md").write_text(report_markdown(report) + "\n", encoding="utf-8")
+    write_json(out / "report.json", report, ensure_ascii=False)
+    write_text(out / "report.md", report_markdown(report) + "\n")
     write_generations(out / "generations.jsonl", generations)
     return out

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from .._files import differing_keys
+from .._files import differing_keys, write_json
 from ..evaluate import write_generations
 from .config import DemoConfig
 
@@ -40,9 +40,7 @@ def cached_result(path: Path, compute: Callable[[], dict[str, Any]]) -> dict[str
     generations = result.pop("generations", [])
     if generations:
         write_generations(path.parent / "generations.jsonl", generations)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    staging.replace(path)
+    write_json(path, result, indent=2, ensure_ascii=False)
     return result
 
 
@@ -72,4 +70,4 @@ def check_run_dir(config: DemoConfig) -> None:
                 "use another --run-dir or delete it"
             )
     else:
-        path.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        write_json(path, settings)

@@ -12,14 +12,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..data import identity_shift_records, load_builtin
+from ..training.data import spread
 from .config import ATTACK_SETS, DemoConfig
-
-
-def spread(records: Sequence[Mapping[str, Any]], count: int) -> list[dict[str, Any]]:
-    """``count`` records evenly spaced over ``records``: the built-in sets are ordered by category, so a prefix
-    would cover only the first categories."""
-    count = min(count, len(records))
-    return [dict(records[i * len(records) // count]) for i in range(count)]
 
 
 def utility_split(records: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

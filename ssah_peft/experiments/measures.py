@@ -8,26 +8,40 @@ model; the rows of one table are comparable only because of that.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..data import load_builtin
-from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility, generate_together
+from ..data import identity_shift_records, load_builtin
+from ..evaluate import (
+    GenerationSettings,
+    audit_replies,
+    evaluate_safety,
+    evaluate_utility,
+    generate_together,
+    refusal_margins,
+    selectivity,
+    task_loss,
+)
 from ..scoring import (
     ScoringMethod,
     TokenSelection,
     UnitScores,
     UnitStatistics,
     build_calibration_batches,
-    score_units,
     unit_statistics,
 )
 from ..scoring.accumulators import merged_accumulator
-from ..unit_map import UnitMap
-from .config import DemoConfig
+from ..unit_map import (
+    CalibrationSet,
+    CalibrationSettings,
+    UnitMap,
+    calibration_metadata,
+    unit_map_from_calibration,
+)
+from .config import ATTACK_SETS, DemoConfig
 from .data import spread, utility_split
 
 
@@ -40,13 +54,81 @@ def generation_settings(config: DemoConfig) -> GenerationSettings:
     )
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, config: DemoConfig) -> dict[str, Any]:
+def heldout_attack_records(name: str) -> list[dict[str, Any]]:
+    """Records of the attack set ``name`` that no attack trains on, for its task loss: all of ``task_test`` for the
+    task attack; for the identity shift, the persona's answers to the held-out utility instructions (its identity
+    turns are trained on, so they are left out)."""
+    if name == "task":
+        return [dict(r) for r in load_builtin("task_test")]
+    if name == "identity_shift":
+        _, heldout = utility_split(load_builtin("utility_calibration"))
+        return [r for r in identity_shift_records(heldout) if r["category"] != "identity"]
+    raise KeyError(f"Unknown attack set {name!r}; known: {ATTACK_SETS}")
+
+
+def continuous_measures(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    attack_successes: list[str],
+    task_loss_attacks: Sequence[str] = ATTACK_SETS,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """``(metrics, block)`` of the measures without generation (:mod:`ssah_peft.evaluate.margin`) and the audit of
+    the generation ASR, each with its cost in seconds.
+
+    The refusal margin is taken on all harmful and all look-alike prompts (teacher-forced, without generation, so
+    the whole sets are affordable), its per-prompt values kept for paired tests; the task loss on each attack's held-out
+    records (:func:`heldout_attack_records`); the audit sorts ``attack_successes`` (replies) into kinds
+    (:func:`ssah_peft.evaluate.audit_replies`).
+    """
+    start = time.perf_counter()
+    margins = {
+        name: refusal_margins(model, tokenizer, [str(r["prompt"]) for r in load_builtin(dataset)])
+        for name, dataset in (("harmful", "harmful_eval"), ("lookalike", "overrefusal_eval"))
+    }
+    margin_seconds = time.perf_counter() - start
+    metrics = {
+        "harmful_margin": float(margins["harmful"].mean()),
+        "lookalike_margin": float(margins["lookalike"].mean()),
+        "selectivity": selectivity(margins["harmful"], margins["lookalike"]),
+    }
+    losses = {}
+    for attack in task_loss_attacks:
+        start = time.perf_counter()
+        records = heldout_attack_records(attack)
+        losses[attack] = {"n": len(records), "mean_nll": task_loss(model, tokenizer, records)}
+        losses[attack]["seconds"] = round(time.perf_counter() - start, 2)
+        metrics[f"task_loss_{attack}"] = losses[attack]["mean_nll"]
+    start = time.perf_counter()
+    audit = audit_replies(attack_successes)
+    block = {
+        "refusal_margin": {
+            **{name: [round(float(m), 5) for m in values] for name, values in margins.items()},
+            "seconds": round(margin_seconds, 2),
+        },
+        "task_loss": losses,
+        "attack_audit": {**audit, "seconds": round(time.perf_counter() - start, 4)},
+    }
+    return metrics, block
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    config: DemoConfig,
+    *,
+    continuous: bool = False,
+    task_loss_attacks: Sequence[str] = ATTACK_SETS,
+) -> dict[str, Any]:
     """ASR, over-refusal, task accuracy and perplexity on evenly spread subsets of the built-in sets.
 
     The prompts of all three rates are generated in one batched call (:func:`ssah_peft.evaluate.generate_together`;
     ``generation_seconds``), so each block's ``seconds`` holds only its judging. Perplexity is measured on held-out
     utility answers (never trained on in the demo): the PPL of the report. The result's ``generations`` are
     written next to it by :func:`.caching.cached_result`.
+
+    ``continuous=True`` adds the measures of :func:`continuous_measures` (refusal margins, selectivity, the task
+    loss of each of ``task_loss_attacks``, the audit of the attack successes) to ``metrics`` and as the block
+    ``continuous``. Off by default, so results and reports of runs cached without them are reproduced unchanged.
     """
     settings = generation_settings(config)
     start = time.perf_counter()
@@ -68,15 +150,22 @@ def evaluate_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, c
         perplexity_sets={"utility_heldout": spread(heldout, config.perplexity_texts)},
         responses=responses,
     )
+    metrics = {
+        "asr": safety["harmful"]["asr"],
+        "overrefusal": safety["overrefusal"]["rate"],
+        "task_accuracy": utility["task"]["accuracy"],
+        "perplexity": utility["perplexity"]["utility_heldout"]["ppl"],
+    }
+    extra: dict[str, Any] = {}
+    if continuous:
+        successes = [g["response"] for g in safety_generations if g["dataset"] == "harmful" and g["harmful"]]
+        continuous_metrics, extra["continuous"] = continuous_measures(model, tokenizer, successes, task_loss_attacks)
+        metrics.update(continuous_metrics)
     return {
-        "metrics": {
-            "asr": safety["harmful"]["asr"],
-            "overrefusal": safety["overrefusal"]["rate"],
-            "task_accuracy": utility["task"]["accuracy"],
-            "perplexity": utility["perplexity"]["utility_heldout"]["ppl"],
-        },
+        "metrics": metrics,
         "safety": safety,
         "utility": utility,
+        **extra,
         "generation_seconds": round(generation_seconds, 2),
         "eval_seconds": round(time.perf_counter() - start, 2),
         "generations": safety_generations + utility_generations,
@@ -121,21 +210,27 @@ def unit_map_of(
     """
     if half not in (None, 0, 1):
         raise ValueError(f"half must be None, 0 or 1, got {half!r}")
-    scores = []
-    for name in ("safety_calibration", "utility_calibration"):
-        pairs = spread(load_builtin(name), config.calibration_pairs)
-        if half is not None:
-            pairs = pairs[half::2]
-        batches = build_calibration_batches(tokenizer, pairs, tokens=tokens, max_length=config.max_length)
-        metadata = {
-            "data": name,
-            **({} if half is None else {"half": half}),
-            **({} if tokens == "response" else {"tokens": tokens}),
-        }
-        scores.append(
-            score_units(model, batches, method=method, show_progress_bar=config.show_progress, metadata=metadata)
-        )
-    return UnitMap.from_scores(scores[0], scores[1], **fractions, composite_fraction=config.top_composite_fraction)
+    safety, utility = (demo_calibration_set(name, config, half) for name in CALIBRATION_DATA)
+    return unit_map_from_calibration(
+        model,
+        tokenizer,
+        safety,
+        utility,
+        CalibrationSettings(method=method, tokens=tokens, max_length=config.max_length),
+        classification={**fractions, "composite_fraction": config.top_composite_fraction},
+        show_progress=config.show_progress,
+    )
+
+
+#: The built-in sets every demo map is scored on: safety, then utility.
+CALIBRATION_DATA = ("safety_calibration", "utility_calibration")
+
+
+def demo_calibration_set(name: str, config: DemoConfig, half: Optional[int] = None) -> CalibrationSet:
+    """The calibration pairs of the built-in set ``name`` that the demo scores: ``config.calibration_pairs`` spread
+    over its categories, or every other one of those from ``half`` on (recorded as ``half``)."""
+    pairs = spread(load_builtin(name), config.calibration_pairs)
+    return CalibrationSet(name, pairs) if half is None else CalibrationSet(name, pairs[half::2], {"half": half})
 
 
 #: Scorers whose statistic is the same float64 moments as the variance score (only the weight factor differs), so
@@ -164,19 +259,18 @@ def unit_maps_in_one_pass(
     if unknown:
         raise ValueError(f"Rival scorers {unknown} need a pass of their own; one pass serves {MOMENT_SCORERS}")
     scores: dict[str, list[UnitScores]] = {key: [] for key in ("full", "half0", "half1", *rivals)}
-    for name in ("safety_calibration", "utility_calibration"):
-        pairs = spread(load_builtin(name), config.calibration_pairs)
+    settings = CalibrationSettings(max_length=config.max_length)
+    for name in CALIBRATION_DATA:
         halves = []
         for half in (0, 1):
-            batches = build_calibration_batches(
-                tokenizer, pairs[half::2], tokens="response", max_length=config.max_length
-            )
+            data = demo_calibration_set(name, config, half)
+            batches = build_calibration_batches(tokenizer, data.pairs, max_length=settings.max_length)
             statistics = unit_statistics(
                 model,
                 batches,
                 method="variance",
                 show_progress_bar=config.show_progress,
-                metadata={"data": name, "half": half},
+                metadata=calibration_metadata(data, settings),
             )
             halves.append(statistics)
             scores[f"half{half}"].append(statistics.finalize())
@@ -199,7 +293,7 @@ def unit_maps_in_one_pass(
                     states=merged,
                     weight_statistics=weight_factors[method],
                     fingerprint=halves[0].fingerprint,
-                    metadata={"data": name},
+                    metadata=calibration_metadata(demo_calibration_set(name, config), settings),
                 ).finalize()
             )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .._files import write_json, write_text
 from ..evaluate import format_rate, wilson_interval
 from ..unit_map import unit_widths
 from .config import DemoConfig
@@ -311,6 +312,6 @@ def write_demo_report(config: DemoConfig, results: DemoResults, command: str) ->
         frontier_points_of(results.attack, total_units), config.run_dir / "attack" / "frontier.png", title="attack:"
     )
     path = config.run_dir / "report.md"
-    path.write_text(demo_report(config, results, command), encoding="utf-8")
-    (config.run_dir / "results.json").write_text(json.dumps(results.to_json(config), indent=2) + "\n", encoding="utf-8")
+    write_text(path, demo_report(config, results, command))
+    write_json(config.run_dir / "results.json", results.to_json(config))
     return path

@@ -31,7 +31,7 @@ from ..unit_map import UnitMap
 from .caching import cached_artifact, cached_result
 from .config import DemoConfig
 from .data import alignment_records, attack_records, spread
-from .finetuning import finetune, merged_model
+from .finetuning import merged_model, train_method
 from .measures import evaluate_model, generation_settings, unit_map_of, unit_maps_in_one_pass
 from .methods import (
     FULL,
@@ -113,7 +113,7 @@ def stage_align(config: DemoConfig, load_base: ModelLoader) -> dict[str, dict[st
             log(f"stage 2/5: aligning with {method.name} ({config.align_steps} steps)")
             model, tokenizer = loaded(config, "2 align", "base model", load_base)
             learning_rate = config.align_learning_rates[method.learning_rate_key]
-            model, info = finetune(
+            model, info = train_method(
                 model, tokenizer, records, method, config.align_steps, learning_rate, config, run_dir, unit_map
             )
             if method.name == config.aligned_method:
@@ -270,7 +270,7 @@ def attack_result(
         model, tokenizer = loaded(config, "4 attack", "aligned model", load_aligned_model)
         learning_rate = config.attack_learning_rates[method.learning_rate_key]
         records = attack_records(data, config)
-        model, info = finetune(model, tokenizer, records, method, steps, learning_rate, config, run_dir, unit_map)
+        model, info = train_method(model, tokenizer, records, method, steps, learning_rate, config, run_dir, unit_map)
         result = {"data": data, **info, **evaluate_model(model, tokenizer, config)}
         if migration and unit_map is not None:
             result["migration"] = migration_after(model, tokenizer, unit_map, config, run_dir)

@@ -11,8 +11,11 @@ read:
   record, so both shapes give the same tokens.
 
 Every problem is a ``ValueError`` that names the file and, where there is one, the line: a malformed JSON line, a
-byte that is not UTF-8, missing or misnamed columns (with the columns that were found), a value that is not text,
-data that is empty or only blank. Records whose prompt or response is blank are skipped and counted.
+byte that is not UTF-8, missing or misnamed columns (with the columns that were found), a row missing a field or
+holding null, a CSV row with fewer or more fields than its header, a file mixing the two shapes, a value that is not
+text, data that is empty or only blank. Nothing is dropped without a count: records whose prompt or response is
+blank are skipped and listed (:attr:`Examples.blank`), and :func:`training_set` lists the examples ``max_length``
+truncates and refuses one it leaves no response token of, unless told to skip such examples.
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..data.text_files import decode_utf8, jsonl_records
+from ..training import record_tokens, response_loss_dataset
 
 #: File suffixes read by :func:`read_examples`, by format.
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 #: The column of chat records.
 MESSAGES = "messages"
+#: Locations shown in a message or report before "and N more".
+SHOWN = 5
 
 
 @dataclass
@@ -43,9 +49,18 @@ class Examples:
     """``{"prompt", "response"}`` and, where the data had one, ``"system"``."""
     shape: str
     """``"prompt/response"`` or ``"chat"``."""
-    skipped_blank: int = 0
-    """Records left out because their prompt or response was blank."""
+    blank: list[str] = field(default_factory=list)
+    """Where (``path:line``, ``path[row]``) each record left out because its prompt or response was blank was."""
     columns: list[str] = field(default_factory=list)
+    locations: list[str] = field(default_factory=list)
+    """Where each of :attr:`records` was read, in order: errors about a record name its line. Default:
+    ``source[i]``."""
+
+    def __post_init__(self) -> None:
+        if not self.locations:
+            self.locations = [f"{self.source}[{i}]" for i in range(len(self.records))]
+        if len(self.locations) != len(self.records):
+            raise ValueError(f"{len(self.records)} records but {len(self.locations)} locations")
 
     def sha256(self) -> str:
         """Hash of the records' content, in order: a run directory is pinned to the data it trained on."""
@@ -53,6 +68,13 @@ class Examples:
         for record in self.records:
             digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n")
         return digest.hexdigest()
+
+    def hold_out(self, every: int) -> tuple[Examples, list[dict[str, str]]]:
+        """(the examples left to train on, the held-out records): every ``every``-th record is held out."""
+        kept = [i for i in range(len(self.records)) if i % every != every - 1]
+        held_out = [r for i, r in enumerate(self.records) if i % every == every - 1]
+        records, locations = [self.records[i] for i in kept], [self.locations[i] for i in kept]
+        return Examples(self.source, records, self.shape, self.blank, self.columns, locations), held_out
 
 
 def read_examples(
@@ -102,6 +124,12 @@ def _read_file(path: Path) -> list[tuple[str, Any]]:
         for row in reader:
             if None in row:
                 raise ValueError(f"{path}:{reader.line_num}: more fields than the header has columns")
+            if None in row.values():
+                found = sum(value is not None for value in row.values())
+                raise ValueError(
+                    f"{path}:{reader.line_num}: {found} field{'s' * (found != 1)}, the header has {len(row)} columns "
+                    f"({', '.join(reader.fieldnames or [])})"
+                )
             rows.append((f"{path}:{reader.line_num}", row))
     except csv.Error as error:
         raise ValueError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
@@ -125,35 +153,60 @@ def _examples(
         if not isinstance(row, Mapping):
             raise ValueError(f"{where}: expected an object with named fields, got {type(row).__name__}")
         columns.extend(c for c in row if c not in columns)
-    chat = MESSAGES in columns and not {prompt_column, response_column} <= set(columns)
-    if not chat and not {prompt_column, response_column} <= set(columns):
+    if MESSAGES not in columns and not {prompt_column, response_column} <= set(columns):
         missing = [c for c in (prompt_column, response_column) if c not in columns]
         raise ValueError(
             f"{what} {source} has no {' and no '.join(map(repr, missing))} column (nor {MESSAGES!r} chat records); "
             f"columns found: {', '.join(map(repr, columns)) or 'none'}. Name the columns with --prompt-column and "
             "--response-column, or give chat records with a 'messages' list"
         )
-    records, blank = [], 0
+    first_where, shape = rows[0][0], _shape(*rows[0], prompt_column, response_column)
+    records, locations, blank = [], [], []
     for where, row in rows:
+        row_shape = _shape(where, row, prompt_column, response_column)
+        if row_shape != shape:
+            raise ValueError(
+                f"{where}: a {row_shape} record, but {first_where} is a {shape} record; give one shape per file"
+            )
         record = (
-            _from_chat(where, row.get(MESSAGES)) if chat else _from_columns(where, row, prompt_column, response_column)
+            _from_chat(where, row[MESSAGES])
+            if shape == "chat"
+            else _from_columns(where, row, prompt_column, response_column)
         )
-        if record is None or not record["prompt"].strip() or not record["response"].strip():
-            blank += 1
+        if not record["prompt"].strip() or not record["response"].strip():
+            blank.append(where)
             continue
         records.append(record)
+        locations.append(where)
     if not records:
         raise ValueError(f"{what} {source}: all {len(rows)} examples have a blank prompt or response")
-    return Examples(source, records, "chat" if chat else "prompt/response", blank, columns)
+    return Examples(str(source), records, shape, blank, columns, locations)
 
 
-def _from_columns(where: str, row: Mapping[str, Any], prompt_column: str, response_column: str) -> Optional[dict]:
+def _shape(where: str, row: Mapping[str, Any], prompt_column: str, response_column: str) -> str:
+    """``"chat"`` or ``"prompt/response"``: what a row holds (a null is nothing); a ``ValueError`` for both or none."""
+    chat = row.get(MESSAGES) is not None
+    columns = [c for c in (prompt_column, response_column) if row.get(c) is not None]
+    if chat and columns:
+        raise ValueError(f"{where}: holds both {MESSAGES!r} and {columns[0]!r}; give one shape per record")
+    if chat:
+        return "chat"
+    if not columns:
+        found = ", ".join(f"{c!r}" + (" (null)" if row[c] is None else "") for c in row) or "none"
+        raise ValueError(
+            f"{where}: no {prompt_column!r} and {response_column!r} fields, nor {MESSAGES!r} (found: {found})"
+        )
+    return "prompt/response"
+
+
+def _from_columns(where: str, row: Mapping[str, Any], prompt_column: str, response_column: str) -> dict[str, str]:
     record = {}
     for key, column in (("prompt", prompt_column), ("response", response_column), ("system", "system")):
         value = row.get(column)
         if value is None:
             if key != "system":
-                return None  # a missing value in this row: blank
+                state = "is null" if column in row else "is missing"
+                raise ValueError(f"{where}: field {column!r} {state} (found: {', '.join(map(repr, row))})")
             continue
         if not isinstance(value, str):
             raise ValueError(f"{where}: column {column!r} holds {type(value).__name__} {value!r}, expected text")
@@ -162,10 +215,8 @@ def _from_columns(where: str, row: Mapping[str, Any], prompt_column: str, respon
     return record
 
 
-def _from_chat(where: str, messages: Any) -> Optional[dict]:
+def _from_chat(where: str, messages: Any) -> dict[str, str]:
     """A chat record (optional system turn, one user turn, one assistant turn) as a prompt/response record."""
-    if messages is None:
-        return None
     shape = "expected 'messages' to be [system?, user, assistant] turns with 'role' and 'content' text"
     if not isinstance(messages, Sequence) or isinstance(messages, str):
         raise ValueError(f"{where}: {shape}, got {type(messages).__name__}")
@@ -186,6 +237,54 @@ def _from_chat(where: str, messages: Any) -> Optional[dict]:
     if roles[0] == "system" and turns[0][1].strip():
         record["system"] = turns[0][1]
     return record
+
+
+@dataclass
+class TrainingSet:
+    """The tokenized examples a job trains on, and those ``max_length`` cut."""
+
+    dataset: Any
+    """A ``datasets.Dataset`` of ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside responses)."""
+    truncated: list[str] = field(default_factory=list)
+    """Where each example trained with the end of its response cut away by ``max_length`` was."""
+    skipped: list[str] = field(default_factory=list)
+    """Where each example left out because ``max_length`` left none of its response was (``skip_truncated``)."""
+
+
+def training_set(tokenizer: Any, examples: Examples, max_length: int, skip_truncated: bool = False) -> TrainingSet:
+    """The examples tokenized for a completion-only loss, at most ``max_length`` tokens each.
+
+    An example whose response ``max_length`` cuts away entirely would train nothing while counting as trained: it is
+    a ``ValueError`` naming it (and how many more), unless ``skip_truncated`` leaves such examples out; the others
+    that lose the end of their response are listed in :attr:`TrainingSet.truncated`.
+    """
+    kept, truncated, cut_away = [], [], []
+    for record, where in zip(examples.records, examples.locations):
+        ids, is_response = record_tokens(tokenizer, record, max_length + 1)  # a token past max_length: was it cut?
+        if not any(is_response[:max_length]):
+            cut_away.append(where)
+            continue
+        kept.append((ids[:max_length], is_response[:max_length]))
+        if len(ids) > max_length:
+            truncated.append(where)
+    if cut_away and not kept:
+        raise ValueError(
+            f"max_length {max_length} (--max-length) cuts every example before its response: no token would be "
+            "trained; raise it"
+        )
+    if cut_away and not skip_truncated:
+        raise ValueError(
+            f"{cut_away[0]}: max_length {max_length} (--max-length) leaves no token of the response, the prompt fills "
+            f"it; {len(cut_away)} of {len(examples.records)} examples are cut so ({listing(cut_away)}). Raise "
+            "max_length, or leave them out with skip_truncated (--skip-truncated)"
+        )
+    return TrainingSet(response_loss_dataset(kept), truncated, cut_away)
+
+
+def listing(locations: Sequence[str], shown: int = SHOWN) -> str:
+    """The first ``shown`` of ``locations``, and how many more."""
+    more = len(locations) - shown
+    return ", ".join(locations[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
 def read_prompts(source: str, column: str = "prompt") -> list[dict[str, str]]:

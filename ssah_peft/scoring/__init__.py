@@ -31,8 +31,18 @@ The package, one concept per module:
 * :mod:`.results`: :class:`UnitScores`, :class:`UnitStatistics` and what identifies the model they belong to.
 * :mod:`.accumulators`: the streaming statistics, the hooks that feed them, SNIP's backward, the merge of ranks.
 * :mod:`.partial_files`: saving the statistics of one shard, and merging the files of all shards into scores.
+* :mod:`.attribution`: one-number attributions of safety to units for the frontier's v2 choosers (the refusal
+  direction's write, the alignment's weight change, the refusal margin's gradient attribution and its conflict
+  with the fine-tuning data's gradient).
 """
 
+from .attribution import (
+    alignment_delta_scores,
+    conflict_scores,
+    margin_attribution_scores,
+    refusal_direction_scores,
+    unit_sums,
+)
 from .calibration import (
     PLAIN_CHAT_TEMPLATE,
     TOKEN_SELECTIONS,
@@ -67,14 +77,19 @@ __all__ = [
     "TokenSelection",
     "UnitScores",
     "UnitStatistics",
+    "alignment_delta_scores",
     "build_calibration_batches",
     "calibration_data_hash",
+    "conflict_scores",
     "forward_fn_dict",
+    "margin_attribution_scores",
     "merge_partial_scores",
     "model_fingerprint",
     "model_weights_hash",
     "prepare_model_inputs_fn_language_modeling",
+    "refusal_direction_scores",
     "save_partial_scores",
     "score_units",
     "unit_statistics",
+    "unit_sums",
 ]

@@ -80,7 +80,7 @@ PENDING_BATCHES = 32
 class Moments:
     """Per-channel count, mean and M2 (sum of squared deviations), merged exactly (Chan et al.) in float64.
 
-    A batch costs one reduction (:func:`_batch_moments`: its mean and variance in the model's precision, float32
+    A batch costs one reduction (:func:`batch_moments`: its mean and variance in the model's precision, float32
     at least), kept as it is; every :data:`PENDING_BATCHES` batches (and before any read) the buffered batches are
     merged into the float64 state at once. So a batch launches nothing but its reduction: no per-batch merge
     arithmetic, whose handful of tiny kernels per projection cost a GPU as much as the reductions. The state
@@ -102,7 +102,7 @@ class Moments:
             return
         if self._pending and self._pending[-1][1].device != x.device:
             self._merge_pending()
-        self._pending.append((x.shape[0], *_batch_moments(x, one_read=x.device.type == "cuda")))
+        self._pending.append((x.shape[0], *batch_moments(x, one_read=x.device.type == "cuda")))
         if len(self._pending) == PENDING_BATCHES:
             self._merge_pending()
 
@@ -211,7 +211,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _batch_moments(x: torch.Tensor, one_read: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_moments(x: torch.Tensor, one_read: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and variance (divided by the count) of a ``[tokens, width]`` batch, in
     :func:`_compute_dtype` of its dtype.
 
@@ -286,7 +286,7 @@ class OutputProjection:
         if isinstance(self.accumulator, Saliency):
             self._handle = self.module.register_forward_hook(_gradient_hook(self.accumulator))
         else:
-            self._handle = self.module.register_forward_pre_hook(_moment_hook(self.accumulator, tokens, self.name))
+            self._handle = self.module.register_forward_pre_hook(moment_hook(self.accumulator, tokens, self.name))
 
     def remove(self) -> None:
         if self._handle is not None:
@@ -323,7 +323,10 @@ def merged_accumulator(method: str, states: Sequence[torch.Tensor]) -> Accumulat
     return accumulator
 
 
-def _moment_hook(moments: Moments, tokens: BatchTokens, name: str) -> Callable[..., None]:
+def moment_hook(moments: Moments, tokens: BatchTokens, name: str) -> Callable[..., None]:
+    """The forward pre-hook a scoring pass puts on the output projection ``name``: it adds the scored tokens of
+    each batch's input to ``moments`` (public so that ``benchmarks/scoring.py`` counts exactly what a pass runs)."""
+
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         moments.add_tokens(tokens.select(args[0].detach(), name))
 

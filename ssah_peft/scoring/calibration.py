@@ -49,7 +49,9 @@ def build_calibration_batches(
 
     The prompt is rendered as a user turn followed by the generation prompt, the response as the rest of the
     rendered conversation; both parts are tokenized separately (``add_special_tokens=False``: the template
-    carries BOS/EOS), so the split is exact and the prompt tokens are those the model sees when generating.
+    carries BOS/EOS), so the split is exact and the prompt tokens are those the model sees when generating. The
+    pairs' text cannot produce the tokenizer's special tokens (a ``<|im_end|>`` in a response stays text), and a
+    text far longer than ``max_length`` is cut before it is tokenized (:func:`ssah_peft.chat.tokenize_exchange`).
 
     Args:
         tokenizer: a transformers tokenizer.

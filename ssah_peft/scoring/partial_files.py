@@ -9,7 +9,7 @@ block and statistic, the rest (format, rank, fingerprint, metadata, weights hash
 
 from __future__ import annotations
 
-import json
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -17,10 +17,20 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .._files import canonical_json, check_format, read_safetensors, safetensors_bytes, write_atomic
+from .._files import (
+    canonical_json,
+    check_format,
+    header_json,
+    layer_tensor_problems,
+    read_safetensors,
+    safetensors_bytes,
+    write_atomic,
+)
 from .._version import __version__
+from ..fingerprint import shape_fingerprint
 from .accumulators import merged_accumulator
 from .results import UnitScores, UnitStatistics, group_by_block
+from .scorer import SCORING_METHODS
 
 PARTIAL_FILE_FORMAT = "ssah_peft.PartialScores"
 PARTIAL_FILE_FORMAT_VERSION = "2"  # 2: the weights' sha256 is recorded per set
@@ -88,10 +98,12 @@ def merge_partial_scores(paths: Sequence[Union[str, Path]]) -> dict[str, UnitSco
     for (first, rank, _, _), (second, next_rank, _, _) in zip(parts, parts[1:]):
         if rank == next_rank:
             raise ValueError(f"Rank {rank} of {world_size} is given twice: {first} and {second}")
-    missing = sorted(set(range(world_size)) - {rank for _, rank, _, _ in parts})
-    if missing:
+    given = {rank for _, rank, _, _ in parts}  # distinct, each in 0..world_size-1
+    if len(given) < world_size:  # listed without enumerating a world size a damaged header may claim
+        missing = list(itertools.islice((rank for rank in range(world_size) if rank not in given), 12))
+        more = f" and {world_size - len(given) - len(missing)} more" if world_size - len(given) > len(missing) else ""
         raise ValueError(
-            f"Rank(s) {missing} of {world_size} are missing; the scores need every shard (given: "
+            f"Rank(s) {missing}{more} of {world_size} are missing; the scores need every shard (given: "
             + ", ".join(f"{path}: rank {rank}" for path, rank, _, _ in parts)
             + ")"
         )
@@ -118,7 +130,12 @@ def merge_partial_scores(paths: Sequence[Union[str, Path]]) -> dict[str, UnitSco
 
 
 def _load_partial(path: Union[str, Path]) -> tuple[str, int, int, dict[str, UnitStatistics]]:
-    """``(path, rank, world size, statistics per calibration set)`` of a file :func:`save_partial_scores` wrote."""
+    """``(path, rank, world size, statistics per calibration set)`` of a file :func:`save_partial_scores` wrote.
+
+    The header is checked against the tensors before anything is built from it, and each set's tensors against
+    its fingerprint: every layer and block present once, of the length its width and method give, finite. A file
+    that fails names the file and the tensor: merged, a missing layer or unit would shift every later one.
+    """
     with read_safetensors(path, "a partial score file") as f:
         header = f.metadata() or {}
         check_format(
@@ -129,31 +146,102 @@ def _load_partial(path: Union[str, Path]) -> tuple[str, int, int, dict[str, Unit
             what="partial score file",
             advice=" (score the shard again with this version)",
         )
-        entries: dict[tuple[str, str], list[tuple[str, int, torch.Tensor]]] = {}
-        for key in f.keys():
-            parts = key.split(".")
-            if len(parts) != 4 or parts[1] not in ("state", "weight") or not parts[2].isdigit():
-                raise ValueError(
-                    f"{path} holds an unexpected tensor {key!r} (expected <set>.state|weight.<layer>.<kind>)"
-                )
-            name, group, layer, kind = parts
-            entries.setdefault((name, group), []).append((kind, int(layer), f.get_tensor(key)))
-    try:
-        sets = json.loads(header["sets"])
-        rank, world_size = int(header["rank"]), int(header["world_size"])
-        statistics = {
-            name: UnitStatistics(
-                states=group_by_block(entries.get((name, "state"), [])),
-                weight_statistics=group_by_block(entries.get((name, "weight"), [])),
-                **description,
+        try:
+            sets = header_json(path, header, "sets")
+            rank, world_size = int(header["rank"]), int(header["world_size"])
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{path}: the header of this partial score file is damaged ({_reason(error)})") from None
+        if not 0 <= rank < world_size:
+            raise ValueError(
+                f"{path}: the header of this partial score file is damaged (rank {rank} is not in 0..world_size-1, "
+                f"world_size {world_size})"
             )
-            for name, description in sets.items()
-        }
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        if not isinstance(sets, dict) or not all(isinstance(d, dict) for d in sets.values()):
+            raise ValueError(f"{path}: the header of this partial score file is damaged ('sets' is not an object)")
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    statistics = {name: _set_statistics(path, name, description, tensors) for name, description in sets.items()}
+    foreign = sorted(key for key in tensors if key.split(".")[0] not in sets)
+    if foreign:
         raise ValueError(
-            f"{path}: the header of this partial score file is damaged ({type(error).__name__}: {error})"
-        ) from None
+            f"{path} holds the unexpected tensor(s) {', '.join(foreign[:12])} (expected "
+            f"<set>.state|weight.<layer>.<kind> for its calibration sets {sorted(sets)})"
+        )
     return str(path), rank, world_size, statistics
+
+
+def _set_statistics(
+    path: Union[str, Path], name: str, description: dict[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> UnitStatistics:
+    """The statistics of calibration set ``name`` of a partial score file, from its header entry and its tensors
+    (``<name>.state|weight.<layer>.<kind>``), checked against each other."""
+    method, fingerprint = description.get("method"), description.get("fingerprint")
+    widths = fingerprint.get("widths") if isinstance(fingerprint, dict) else None
+    num_layers = fingerprint.get("num_layers") if isinstance(fingerprint, dict) else None
+    if (
+        method not in SCORING_METHODS
+        or not (isinstance(num_layers, int) and num_layers > 0 and isinstance(widths, dict) and widths)
+        or not all(
+            isinstance(w, list) and len(w) == num_layers and all(isinstance(n, int) and n > 0 for n in w)
+            for w in widths.values()
+        )
+    ):
+        raise ValueError(
+            f"{path}: the header of this partial score file is damaged (set {name!r}: method {method!r}, fingerprint "
+            "without num_layers and widths of every layer)"
+        )
+    groups = ["state"] if method == "snip" else ["state", "weight"]  # snip's sums hold the weights
+    own = {key: tensor for key, tensor in tensors.items() if key.split(".")[0] == name}
+    missing, unexpected = layer_tensor_problems(own, [f"{name}.{group}" for group in groups], num_layers, list(widths))
+    described = f"set {name!r} of {method} statistics, {num_layers} layers of {', '.join(widths)}"
+    if missing:
+        raise ValueError(
+            f"{path} is not a complete partial score file: tensor(s) {missing} missing ({described}); score this "
+            "shard again"
+        )
+    if unexpected:
+        raise ValueError(
+            f"{path} holds unexpected tensor(s) {unexpected} (expected {name}.{'|'.join(groups)}.<layer>.<kind> for "
+            f"the {described})"
+        )
+    entries: dict[str, list[tuple[str, int, torch.Tensor]]] = {group: [] for group in groups}
+    for key, tensor in own.items():
+        _, group, layer, kind = key.split(".")
+        width = widths[kind][int(layer)]
+        length = width if group == "weight" else _state_length(method, width)
+        if tensor.dtype != torch.float64 or list(tensor.shape) != [length]:
+            raise ValueError(
+                f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')} of shape {list(tensor.shape)}, "
+                f"expected float64 of shape [{length}] (layer {layer}'s {kind} block has {width} units); the file "
+                "is damaged: score this shard again"
+            )
+        non_finite = int((~torch.isfinite(tensor)).sum())
+        if non_finite:
+            raise ValueError(
+                f"{path}: tensor {key} holds {non_finite} non-finite value(s) (NaN/inf); the file is damaged: score "
+                "this shard again"
+            )
+        entries[group].append((kind, int(layer), tensor))
+    try:
+        return UnitStatistics(
+            method=method,
+            states=group_by_block(entries["state"]),
+            weight_statistics=group_by_block(entries.get("weight", [])),
+            fingerprint=fingerprint,
+            metadata=description["metadata"],
+            weights_sha256=description.get("weights_sha256"),
+        )
+    except KeyError as error:
+        raise ValueError(f"{path}: the header of this partial score file is damaged ({_reason(error)})") from None
+
+
+def _state_length(method: str, width: int) -> int:
+    """Length of a block's state vector (:mod:`.accumulators`): two counts, then per unit its saliency sum (snip)
+    or its mean and M2 (variance, wanda)."""
+    return 2 + (width if method == "snip" else 2 * width)
+
+
+def _reason(error: Exception) -> str:
+    return f"no field {error}" if isinstance(error, KeyError) else str(error)
 
 
 def _description(statistics: UnitStatistics) -> dict[str, Any]:
@@ -179,7 +267,7 @@ def _check_same_pass(name: str, a: tuple[str, UnitStatistics], b: tuple[str, Uni
         )
     for what, value_a, value_b in (
         ("methods", first.method, second.method),
-        ("models (fingerprints)", first.fingerprint, second.fingerprint),
+        ("models (fingerprints)", shape_fingerprint(first.fingerprint), shape_fingerprint(second.fingerprint)),
         ("data or settings (metadata)", first.metadata, second.metadata),
     ):
         if value_a != value_b:

@@ -3,8 +3,9 @@
 Scores are indices into one particular model: unit 17 of layer 3 means nothing on a model of other widths or
 other weights. So the result types carry that identity with them: :class:`UnitScores` (one score per unit, the
 input of :class:`ssah_peft.UnitMap`) and :class:`UnitStatistics` (the mergeable running statistics a pass ends
-with, before they become scores), with :func:`model_fingerprint` (shapes) and :func:`model_weights_hash` (values)
-saying which model they belong to.
+with, before they become scores), with :func:`model_fingerprint` (shapes and a weight sample, from
+:mod:`ssah_peft.fingerprint`; re-exported here) and :func:`model_weights_hash` (all values) saying which model they
+belong to.
 """
 
 from __future__ import annotations
@@ -17,17 +18,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..units import ArchitectureSpec, PerBlock, _text_config, model_shapes, resolve_architecture
+from ..fingerprint import model_fingerprint  # noqa: F401 - re-exported: ssah_peft.scoring.model_fingerprint
+from ..units import PerBlock
 from .accumulators import merged_accumulator, unit_score
-
-
-def model_fingerprint(model: nn.Module, spec: Optional[ArchitectureSpec] = None) -> dict[str, Any]:
-    """What a unit index means in ``model``: model type, layer count, hidden sizes and block widths."""
-    spec = spec if spec is not None else resolve_architecture(model.config)
-    return {
-        "model_type": getattr(_text_config(model.config), "model_type", None),
-        **model_shapes(model, spec),
-    }
 
 
 def model_weights_hash(model: nn.Module) -> str:

@@ -34,8 +34,11 @@ from .model import SSAHModel, merge_and_dequantize  # noqa: E402
 def _register() -> None:
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    if PEFT_TYPE_TO_CONFIG_MAPPING.get(PeftType.SSAH) is SSAHConfig:
+    registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(PeftType.SSAH)
+    if registered is SSAHConfig:
         return
+    if "ssah_peft_placeholder" in getattr(registered, "__dict__", {}):  # SSAH_PEFT_NO_AUTOLOAD's (_ssah_peft_autoload)
+        del PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SSAH]
     register_peft_method(name="ssah", config_cls=SSAHConfig, model_cls=SSAHModel, prefix="ssah_")
 
 

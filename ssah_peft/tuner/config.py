@@ -100,6 +100,25 @@ def _unit_indices(indices: Any, where: str) -> list[int]:
     return values
 
 
+CALIBRATION_FACTS = ("method", "data", "num_examples", "data_sha256", "tokens", "max_length", "num_tokens", "model")
+"""What the model card tells about the data each score of a unit map came from (not the scores themselves)."""
+
+
+def unit_map_settings(unit_map: Any) -> dict[str, Any]:
+    """What an adapter records about the :class:`ssah_peft.UnitMap` its units came from: the classification settings
+    (group fractions, standardisation, ranking), the composite fraction, and per score the scoring method and the
+    calibration data's name, size and hash; small enough for ``adapter_config.json``."""
+    calibration = {
+        side: {key: info[key] for key in CALIBRATION_FACTS if info.get(key) is not None}
+        for side, info in (unit_map.calibration or {}).items()
+    }
+    return {
+        "classification": dict(unit_map.settings),
+        "composite_fraction": float(unit_map.composite_fraction),
+        "calibration": calibration,
+    }
+
+
 def _positive_int(name: str, value: Any, meaning: str) -> int:
     if not _is_integer(value):
         raise TypeError(f"{name} must be a positive integer ({meaning}), got {_show(value, integer=True)}")
@@ -158,9 +177,18 @@ class SSAHConfig(PeftConfig):
         model_shapes: layer count and block widths of the base model, recorded at creation and checked when the
             adapter is loaded into another model.
         unit_map_fingerprint: the model a :class:`ssah_peft.UnitMap` given as ``units`` was scored on
-            (:func:`ssah_peft.scoring.model_fingerprint`); set from the map, saved with the adapter and checked
-            against the model before any module is changed, so a map of another model is refused even where its
-            indices happen to fit. ``None`` for plain unit dicts.
+            (:func:`ssah_peft.fingerprint.model_fingerprint`: shapes and a weight sample); set from the map, saved
+            with the adapter and checked against the model before any module is changed, so a map of another model
+            is refused even where its indices happen to fit. ``None`` for plain unit dicts.
+        unit_map_settings: how that :class:`ssah_peft.UnitMap` was made (:func:`unit_map_settings`: its
+            classification settings and each score's method and calibration data, with the data's hash); set from
+            the map and shown in the model card that ``save_pretrained`` writes. ``None`` for plain unit dicts.
+        weight_sample: a sample of the base model's weights (:func:`ssah_peft.fingerprint.weight_sample`), recorded
+            when the adapter is created and checked when it is loaded: an adapter is refused on another checkpoint
+            of the same shapes, and accepted on its own model loaded in another dtype or in 8-bit / 4-bit.
+        allow_other_weights: accept a unit map or an adapter made on other weights than the model's (same shapes),
+            e.g. a base model's map on its instruct sibling. A permission for this injection only: not saved with
+            the adapter, which records the weights of the model it is injected into.
         target_modules: derived at injection from the units and the architecture (a regex over module names);
             not meant to be set by hand.
     """
@@ -173,17 +201,49 @@ class SSAHConfig(PeftConfig):
     unit_parts: Literal["all", "out_proj"] = field(
         default="all", metadata={"help": "'all' slices of a unit or only its output-projection column"}
     )
-    target_blocks: list[str] = field(default_factory=lambda: list(BLOCK_KINDS))
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
+    target_blocks: list[str] = field(
+        default_factory=lambda: list(BLOCK_KINDS), metadata={"help": f"Block kinds to adapt, a subset of {BLOCK_KINDS}"}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Layer indices to adapt (default: all)"}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Extra modules trained fully and saved with the adapter (peft semantics)"}
+    )
     delta_dtype: Optional[str] = field(default=None, metadata={"help": f"One of {DELTA_DTYPES} or None"})
-    init_weights: bool = field(default=True)
-    architecture: Optional[dict[str, Any]] = field(default=None)
-    model_shapes: Optional[dict[str, Any]] = field(default=None)
+    init_weights: bool = field(
+        default=True, metadata={"help": "Start at the identity (True) or from random deltas (False, for tests)"}
+    )
+    architecture: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "Where the units are (ArchitectureSpec as a dict); resolved from the model"}
+    )
+    model_shapes: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "Layer count and block widths of the base model (set at creation, checked)"}
+    )
     unit_map_fingerprint: Optional[dict[str, Any]] = field(
         default=None, metadata={"help": "Fingerprint of the model the UnitMap of `units` was scored on (set from it)"}
     )
-    target_modules: Optional[Union[list[str], str]] = field(default=None)
+    unit_map_settings: Optional[dict[str, Any]] = field(
+        default=None,
+        metadata={"help": "How the UnitMap of `units` was made: classification and calibration data (set from it)"},
+    )
+    weight_sample: Optional[dict[str, Any]] = field(
+        default=None, metadata={"help": "Sampled weights of the base model the adapter was made on (set at creation)"}
+    )
+    allow_other_weights: bool = field(
+        default=False,
+        metadata={"help": "Accept a unit map or adapter made on other weights of the same shapes (not saved)"},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Derived from the units at injection (a regex over module names); not set"}
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """peft's dict of the config, without ``allow_other_weights``: a permission given for one injection must
+        not travel with the saved adapter to the next model it is loaded into."""
+        result = super().to_dict()
+        result.pop("allow_other_weights", None)
+        return result
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -212,8 +272,8 @@ class SSAHConfig(PeftConfig):
                 raise ValueError(
                     "unit_map_fingerprint differs from the fingerprint of the UnitMap given as units; leave it unset"
                 )
-            self.unit_map_fingerprint = fingerprint
-            self.units = self.units.config_units(self.mode)
+            unit_map, self.units = self.units, self.units.config_units(self.mode)
+            self.record_unit_map(unit_map)
         if self.unit_map_fingerprint is not None and not isinstance(self.unit_map_fingerprint, Mapping):
             raise TypeError(
                 "unit_map_fingerprint must be a model fingerprint (a dict) or None, "
@@ -247,8 +307,32 @@ class SSAHConfig(PeftConfig):
                         f"layers_to_transform must hold integer layer indices; got {_show(layer, integer=True)}"
                     )
             self.layers_to_transform = [int(layer) for layer in layers]
+        if not isinstance(self.allow_other_weights, bool):
+            raise TypeError(f"allow_other_weights must be True or False, got {_show(self.allow_other_weights)}")
+        for name in ("model_shapes", "weight_sample", "unit_map_settings"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), Mapping):
+                raise TypeError(f"{name} must be a dict or None, got {_show(getattr(self, name))}")
         if self.delta_dtype is not None and self.delta_dtype not in DELTA_DTYPES:
             raise ValueError(f"delta_dtype must be one of {DELTA_DTYPES} or None, got {self.delta_dtype!r}")
+
+    def record_unit_map(self, unit_map: Any) -> None:
+        """Record the :class:`ssah_peft.UnitMap` the units come from: its fingerprint (checked against the model at
+        injection) and its settings (:func:`unit_map_settings`, shown in the model card).
+
+        Done by the config itself for ``units=unit_map``; call it where the units were chosen from a map by other
+        rules (a fine-tuning method's unit selector) and given as a dict, so the adapter still says what made them.
+        """
+        self.unit_map_fingerprint = dict(unit_map.fingerprint)
+        self.unit_map_settings = unit_map_settings(unit_map)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """peft's ``adapter_config.json``, then the adapter's section of the model card (``README.md``,
+        :mod:`ssah_peft.tuner.model_card`): ``PeftModel.save_pretrained`` writes its card before saving each
+        adapter's config, so the section lands in the card peft just wrote, replacing the one of a previous save."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .model_card import update_model_card  # the card reads this module's config, not the other way round
+
+        update_model_card(save_directory, self)
 
     @property
     def scaling(self) -> float:

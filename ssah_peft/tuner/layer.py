@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -184,10 +185,13 @@ class SSAHLinear(nn.Module, SSAHLayer):
         self._active_adapter = adapter_name
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -196,6 +200,37 @@ class SSAHLinear(nn.Module, SSAHLayer):
         for adapter in self.active_adapters:
             if adapter in self.ssah_update:
                 result = self._adapter_forward(adapter, x, result)
+        return result
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """The base output with, for each row of the batch, the update of the adapter named for it (peft's
+        ``adapter_names``; ``"__base__"`` rows get the base output).
+
+        Each adapter's update is computed on its own rows only, by the same code as the single-adapter forward, so
+        a row's output is the one it has when that adapter alone is active. Adapters this layer does not hold leave
+        their rows at the base output, as in the single-adapter forward.
+        """
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:  # peft's rule and wording: rows would get the merged adapters on top of their own
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        rows_of: dict[str, list[int]] = {}
+        for row, adapter in enumerate(adapter_names):
+            rows_of.setdefault(adapter, []).append(row)
+        for adapter, rows in rows_of.items():
+            if adapter in self.ssah_update:  # "__base__" and adapters of other layers are not
+                index = torch.tensor(rows, device=x.device)
+                result = result.index_copy(0, index, self._adapter_forward(adapter, x[index], result[index]))
         return result
 
     def __repr__(self) -> str:

@@ -2,122 +2,29 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from functools import partial
+from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
-from peft.utils import get_quantization_kwargs
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper, get_quantization_kwargs
 from torch import nn
 
+from ..fingerprint import OVERRIDE_ADVICE, check_fingerprint, model_fingerprint, weight_sample_difference
 from ..quantization import disable_cpu_4bit_repacking as _disable_cpu_4bit_repacking
-from ..unit_map import check_model_fingerprint
-from ..units import ArchitectureSpec, Axis, model_shapes, resolve_architecture, unit_slices
+from ..units import ArchitectureSpec, resolve_architecture
 from .config import SSAHConfig
 from .dequantize import cast_parameter, compute_dtype, dequantized_linear, is_bnb_layer, target_dtypes
 from .layer import SSAHLayer, SSAHLinear, supported_base_layer
-from .slice_index import ADVICE, index_difference
-
-
-def _validate_units(config: SSAHConfig, shapes: dict[str, Any]) -> None:
-    """Units must exist in the model; protect mode must leave something to train."""
-    num_layers = shapes["num_layers"]
-    for layer, blocks in config.units.items():
-        if int(layer) >= num_layers:
-            raise ValueError(f"units name layer {layer}, but the model has {num_layers} layers (0..{num_layers - 1})")
-        for kind, indices in blocks.items():
-            if kind not in shapes["widths"]:
-                raise ValueError(f"units name block kind {kind!r}, which this architecture does not have")
-            width = shapes["widths"][kind][int(layer)]
-            if indices and indices[-1] >= width:
-                raise ValueError(
-                    f"units[{layer}][{kind!r}] has index {indices[-1]}, "
-                    f"but the block has {width} units (0..{width - 1})"
-                )
-    layers = targeted_layers(config, num_layers)
-    if config.mode == "protect":
-        all_protected = all(
-            len(config.units_of(layer, kind)) == shapes["widths"][kind][layer]
-            for layer in layers
-            for kind in config.target_blocks
-        )
-        if all_protected:
-            raise ValueError("protect mode protects every unit of every targeted block: nothing would be trained")
-    elif not any(config.units_of(layer, kind) for layer in layers for kind in config.target_blocks):
-        raise ValueError(
-            f"select mode: no units in the targeted layers {layers} and blocks {config.target_blocks}; nothing to train"
-        )
-
-
-def targeted_layers(config: SSAHConfig, num_layers: int) -> list[int]:
-    if config.layers_to_transform is None:
-        return list(range(num_layers))
-    bad = [i for i in config.layers_to_transform if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"layers_to_transform {bad} out of range for a model with {num_layers} layers")
-    return sorted(set(config.layers_to_transform))
-
-
-def layer_slices(config: SSAHConfig, spec: ArchitectureSpec, layer: int) -> dict[str, tuple[Axis, torch.Tensor]]:
-    """Adapted modules of one layer → (axis, slices): trained slices (select) or protected slices (protect).
-
-    Protect mode adapts every module of the targeted blocks, with an empty slice set where no unit is protected;
-    select mode adapts only modules that own selected slices.
-    """
-    rule = "all" if config.mode == "select" else "any"
-    result: dict[str, tuple[Axis, torch.Tensor]] = {}
-    for kind in config.target_blocks:
-        width = config.model_shapes["widths"][kind][layer]
-        units = torch.tensor(config.units_of(layer, kind), dtype=torch.long)
-        slices = unit_slices(spec, kind, units, width, rule, config.unit_parts)
-        if config.mode == "protect":
-            block = spec.blocks[kind]
-            axes = {block.out_proj: "in", **{p.module: "out" for p in block.in_parts}}
-            for module, axis in axes.items():
-                slices.setdefault(module, (axis, torch.empty(0, dtype=torch.long)))
-        for module, (axis, index) in slices.items():
-            if module in result:
-                other_axis, other = result[module]
-                if other_axis != axis:
-                    raise ValueError(f"{module!r} would need row and column slices; one axis per weight is supported")
-                index = torch.cat([other, index]).unique()
-            result[module] = (axis, index)
-    return result
-
-
-def _target_regex(config: SSAHConfig, spec: ArchitectureSpec, model: nn.Module) -> str:
-    """A regex matching exactly the full names of the modules to adapt (peft's ``target_modules``).
-
-    In protect mode a weight whose every slice is protected (common for ``q_proj``/``k_proj`` under GQA, where a
-    few protected channels share all query/key rows) is left out: an adapter there could never change anything,
-    and peft's rule is that every trainable parameter is one that training can update.
-    """
-    lengths = _slice_lengths(model, spec)
-    per_layer = []
-    for layer in targeted_layers(config, config.model_shapes["num_layers"]):
-        modules = sorted(
-            module
-            for module, (axis, index) in layer_slices(config, spec, layer).items()
-            if config.mode == "select" or index.numel() < lengths[layer, module][axis]
-        )
-        if modules:
-            per_layer.append(rf"{layer}\.(?:{'|'.join(re.escape(m) for m in modules)})")
-    return rf"(?:.*\.)?{re.escape(spec.layers)}\.(?:{'|'.join(per_layer)})"
-
-
-def _slice_lengths(model: nn.Module, spec: ArchitectureSpec) -> dict[tuple[int, str], dict[Axis, int]]:
-    """``(layer, module) → {"out": rows, "in": columns}`` of every block module of ``model``."""
-    lengths = {}
-    for kind in spec.blocks:
-        for module in spec.modules(kind):
-            pattern = spec.layer_pattern(module)
-            for name, found in model.named_modules():
-                match = pattern.fullmatch(name)
-                if match is not None:
-                    base = found.get_base_layer() if isinstance(found, BaseTunerLayer) else found
-                    in_features, out_features = _get_in_out_features(base)
-                    lengths[int(match.group(1)), module] = {"out": int(out_features), "in": int(in_features)}
-    return lengths
+from .loading import listed, slice_problems, tensor_problems, withdraw_adapter
+from .plan import ModulePlan, check_rank, check_units, plan_modules, target_regex
+from .slice_index import ADVICE
+from .variants import UPDATES
 
 
 class SSAHModel(BaseTuner):
@@ -139,27 +46,48 @@ class SSAHModel(BaseTuner):
         return peft_config  # everything model-dependent is derived in _prepare_model, which sees the model
 
     def _prepare_model(self, peft_config: SSAHConfig, model: nn.Module) -> None:
-        """Resolve the architecture, check the units and recorded shapes against the model, derive targets.
+        """Resolve the architecture, check the units, recorded shapes and weights against the model, derive targets.
 
-        Runs before any module is replaced, so a bad config leaves the model untouched.
+        Runs before any module is replaced, so a bad config leaves the model untouched. An adapter being loaded
+        (its config records ``weight_sample``) must meet the weights it was made on; a new one built from a unit map
+        the weights the map was scored on; ``allow_other_weights`` lifts either check, never the shapes'.
         """
+        _disable_cpu_4bit_repacking(model)  # before the weights are read, here or by anyone later
         if peft_config.architecture is None:
             spec = resolve_architecture(model.config)
         else:
             spec = ArchitectureSpec.from_dict(peft_config.architecture)
-        shapes = model_shapes(model, spec)
+        fingerprint = model_fingerprint(model, spec)
+        shapes = {key: fingerprint[key] for key in ("num_layers", "hidden_sizes", "widths")}
         if peft_config.model_shapes is not None and peft_config.model_shapes != shapes:
             raise ValueError(
                 "This SSAH adapter was made for a base model with shapes "
                 f"{_describe(peft_config.model_shapes)}, but the model it is loaded into has {_describe(shapes)}."
             )
+        sample = fingerprint.get("weight_sample")
+        loading = peft_config.weight_sample is not None
+        if loading and not peft_config.allow_other_weights:
+            difference = weight_sample_difference(peft_config.weight_sample, sample)
+            if difference is not None:
+                raise ValueError(
+                    "This SSAH adapter was made on other weights than those of the model it is loaded into, though "
+                    f"the shapes match: {difference}. Load it into the model it was trained on (a config applied once "
+                    "records that model: make a new SSAHConfig for another one). "
+                    f"{OVERRIDE_ADVICE} With peft: PeftModel.from_pretrained(model, path, allow_other_weights=True)."
+                )
         if peft_config.unit_map_fingerprint is not None:  # units from a UnitMap: it must be this model's
-            check_model_fingerprint(peft_config.unit_map_fingerprint, model, spec)
-        _validate_units(peft_config, shapes)
+            # an adapter being loaded is bound to its own base model's weights (checked above), which may be the map's
+            # on purpose only; its map's shapes must still be this model's
+            allowed = peft_config.allow_other_weights or loading
+            check_fingerprint(peft_config.unit_map_fingerprint, fingerprint, allow_other_weights=allowed)
+        check_units(peft_config, shapes)
+        self._plan: dict[str, ModulePlan] = plan_modules(peft_config, spec, model, shapes)  # for _create_and_replace
+        check_rank(peft_config, self._plan)
         peft_config.architecture = spec.to_dict()
         peft_config.model_shapes = shapes
-        peft_config.target_modules = _target_regex(peft_config, spec, model)
-        _disable_cpu_4bit_repacking(model)
+        if sample is not None:
+            peft_config.weight_sample = sample
+        peft_config.target_modules = target_regex(spec, self._plan)
 
     def _create_and_replace(
         self,
@@ -171,13 +99,13 @@ class SSAHModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        spec = ArchitectureSpec.from_dict(peft_config.architecture)
-        layer, module = _locate(spec, peft_config, current_key)
-        axis, index = layer_slices(peft_config, spec, layer)[module]
+        planned = self._plan.get(current_key)
+        if planned is None:  # matched by the regex, but not one of the planned modules (a stack of the same names)
+            raise ValueError(f"{current_key} matches the adapter's target_modules but is no module it plans to adapt")
         update_kwargs = dict(
             mode=peft_config.mode,
-            axis=axis,
-            index=index,
+            axis=planned.axis,
+            index=planned.index,
             r=peft_config.r,
             scaling=peft_config.scaling,
             dropout=peft_config.dropout,
@@ -205,23 +133,183 @@ class SSAHModel(BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: SSAHConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """peft's key remapping, after checking the stored slice indices against the config's units.
+        """peft's key remapping, after checking the checkpoint against its config (:mod:`.loading`).
 
         peft calls this (from ``set_peft_model_state_dict``: ``PeftModel.from_pretrained`` and ``load_adapter``)
         after injecting the adapter and before loading any weight. Where ``adapter_model.safetensors`` and
-        ``adapter_config.json`` disagree, the injected adapter is taken out again and a ``ValueError`` names the
-        modules; transformers' ``load_adapter`` is covered by :class:`ssah_peft.tuner.slice_index.SliceIndexDict`.
+        ``adapter_config.json`` disagree (slice indices; missing, unexpected or reshaped tensors) or a tensor holds
+        NaN/inf, the injected adapter is taken out again and a ``ValueError`` names the modules and tensors;
+        transformers' ``load_adapter`` is covered by :class:`ssah_peft.tuner.slice_index.SliceIndexDict`.
         """
-        problems = _stored_slice_problems(model, config, adapter_name, state_dict)
+        plan = plan_modules(config, ArchitectureSpec.from_dict(config.architecture), model, config.model_shapes)
+        problems = slice_problems(plan, adapter_name, state_dict)
         if problems:
-            _withdraw_adapter(model, adapter_name)
-            listed = "\n".join(f"- {problem}" for problem in problems[:8])
-            more = f"\n- and {len(problems) - 8} more" if len(problems) > 8 else ""
+            withdraw_adapter(model, adapter_name)
             raise ValueError(
                 f"Cannot load SSAH adapter {adapter_name!r}: the slice indices stored with its weights do not match "
-                f"the units of its config.\n{listed}{more}\n{ADVICE} Nothing was loaded."
+                f"the units of its config.\n{listed(problems)}\n{ADVICE} Nothing was loaded."
             )
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        problems = tensor_problems(model, config, adapter_name, remapped)
+        if problems:
+            withdraw_adapter(model, adapter_name)
+            raise ValueError(
+                f"Cannot load SSAH adapter {adapter_name!r}: adapter_model.safetensors is incomplete, holds tensors "
+                f"its adapter_config.json does not describe, or holds NaN/inf.\n{listed(problems)}\nNothing was "
+                "loaded; save the adapter again from a healthy model."
+            )
+        return remapped
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Pass peft's ``adapter_names`` (one adapter name or ``"__base__"`` per row) to every SSAH layer and
+        modules-to-save wrapper for one forward or ``generate`` call (:meth:`SSAHLinear._mixed_batch_forward`).
+
+        ``PeftModel`` calls this around its forward and drops ``adapter_names`` from the base model's arguments, so
+        without it the argument would be ignored and every row would get the active adapter. As in peft's LoRA:
+        inference only, unknown names are refused, and with beam search each name is repeated for its beams.
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+        layers = [module for module in self.model.modules() if isinstance(module, SSAHLayer)]
+        known = {name for layer in layers for name in layer.ssah_update}
+        unknown = sorted({name for name in adapter_names if name != "__base__"} - known)
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate repeats each row for its beams
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        hook = partial(_pass_adapter_names, adapter_names=adapter_names)
+        handles = [
+            module.register_forward_pre_hook(hook, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, (SSAHLayer, AuxiliaryTrainingWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: Optional[str] = None,
+    ) -> None:
+        """Add ``adapter_name``, whose update is the weighted sum of the updates of ``adapters`` (peft's
+        ``add_weighted_adapter``), where SSAH can build it exactly.
+
+        The adapters must be of one mode and act on the same slices (same units, ``unit_parts``, target blocks and
+        layers), so that the sum keeps their frozen slices frozen:
+
+        * protect, ``combination_type="cat"``: A and B are stacked, as LoRA's ``cat``, into an adapter of rank
+          r1 + r2 + … (``alpha`` = that rank, so scale 1) with the same protected slices;
+        * select, ``combination_type="linear"``: the deltas (and bias deltas) are summed with the weights.
+
+        peft's other combinations (``svd``, ``ties``, ``dare_*``, ``magnitude_prune*``, a low-rank ``linear``)
+        approximate the sum or prune it, so they are refused, as are adapters with ``modules_to_save``. The new
+        adapter is not active until ``set_adapter``.
+        """
+        configs = self._weighted_adapter_configs(adapters, weights, adapter_name)
+        mode = configs[0].mode
+        update = UPDATES[mode]
+        combination_type = update.combination if combination_type is None else combination_type
+        if combination_type != update.combination:
+            raise ValueError(
+                f"add_weighted_adapter: combination_type={combination_type!r} is not exact for SSAH's {mode} mode. "
+                f"Supported: 'cat' for protect adapters (a rank r1 + r2 + ... adapter) and 'linear' for select "
+                "adapters (weighted sum of the deltas), each over adapters with the same units."
+            )
+        rank = sum(config.r for config in configs) if mode == "protect" else configs[0].r
+        self.peft_config[adapter_name] = replace(configs[0], r=rank, alpha=float(rank), init_weights=True)
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except Exception:
+            del self.peft_config[adapter_name]
+            raise
+        self._cast_adapter_dtype(adapter_name)
+        for module in self.model.modules():
+            if isinstance(module, SSAHLayer) and adapter_name in module.ssah_update:
+                update.combine(module, adapter_name, adapters, [float(weight) for weight in weights])
+
+    def _weighted_adapter_configs(
+        self, adapters: list[str], weights: list[float], adapter_name: str
+    ) -> list[SSAHConfig]:
+        """The configs of ``adapters``, after checking that :meth:`add_weighted_adapter` can sum them exactly."""
+        if isinstance(adapters, str) or not adapters:
+            raise TypeError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter: {len(adapters)} adapters but {len(weights)} weights")
+        if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise ValueError(f"add_weighted_adapter: weights must be finite numbers, got {weights!r}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"add_weighted_adapter: an adapter named {adapter_name!r} exists already")
+        missing = [name for name in adapters if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"add_weighted_adapter: no adapter named {', '.join(map(repr, missing))}")
+        configs = [self.peft_config[name] for name in adapters]
+        if any(config.modules_to_save for config in configs):
+            raise ValueError("add_weighted_adapter: adapters with modules_to_save cannot be combined")
+        for name, config in zip(adapters[1:], configs[1:]):
+            for key in ("mode", "units", "unit_parts", "target_blocks", "layers_to_transform", "architecture"):
+                if getattr(config, key) != getattr(configs[0], key):
+                    raise ValueError(
+                        f"add_weighted_adapter: {name!r} and {adapters[0]!r} differ in {key}; SSAH sums adapters of "
+                        "one mode over the same units exactly ('cat' for protect, 'linear' for select) and nothing else"
+                    )
+        return configs
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        """peft's unload / ``merge_and_unload``, refusing NaN/inf adapters before any weight is merged."""
+        if merge:
+            self._refuse_non_finite(adapter_names, safe_merge)
+        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """peft's ``merge_adapter``, refusing NaN/inf adapters before any weight is merged."""
+        self._refuse_non_finite(adapter_names, safe_merge)
+        super().merge_adapter(adapter_names, safe_merge)
+
+    def _refuse_non_finite(self, adapter_names: Optional[list[str]], safe_merge: bool = False) -> None:
+        """Raise ``ValueError`` naming the tensors if an adapter to merge holds NaN/inf; with ``safe_merge`` in
+        peft's words, which tools match on.
+
+        peft's ``safe_merge`` finds a broken adapter only in the layer it is merging, after the layers before it
+        were merged; the adapter's own tensors are small, so all of them are checked first and nothing is merged.
+        """
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        broken = []
+        for module_name, module in self.model.named_modules():
+            if not isinstance(module, SSAHLayer):
+                continue
+            for tensor_name in module.adapter_layer_names:
+                tensors = getattr(module, tensor_name)
+                for adapter in names:
+                    if adapter in tensors and not torch.isfinite(tensors[adapter]).all():
+                        broken.append(f"{module_name}.{tensor_name}.{adapter}")
+        if broken:
+            adapters = sorted({name.rpartition(".")[2] for name in broken})
+            if safe_merge:
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapters[0]} seems to be broken")
+            raise ValueError(
+                f"Cannot merge: NaN/inf in {', '.join(broken[:4])}{' and more' if len(broken) > 4 else ''}; merging "
+                f"would write them into the base weights. The adapter {', '.join(adapters)} seems to be broken. "
+                "Nothing was merged."
+            )
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's autocast (fp16/bf16 → fp32), then the config's ``delta_dtype`` if one is set."""
@@ -264,6 +352,7 @@ class SSAHModel(BaseTuner):
         from tqdm.auto import tqdm
 
         self._check_merge_allowed()
+        self._refuse_non_finite(None)  # merging into dequantized copies is always checked
         target_dtype = target_dtypes(self.model, dtype)
         layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, SSAHLayer)]
         for name, module in tqdm(layers, disable=not progressbar, desc="Dequantizing and merging"):
@@ -297,92 +386,17 @@ class SSAHModel(BaseTuner):
         return model
 
 
+def _pass_adapter_names(
+    module: nn.Module, args: tuple, kwargs: dict[str, Any], adapter_names: Sequence[str]
+) -> tuple[tuple, dict[str, Any]]:
+    """Forward pre-hook (with kwargs) that hands ``adapter_names`` to one layer's forward."""
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
 def _describe(shapes: dict[str, Any]) -> str:
     widths = {kind: sorted(set(w)) for kind, w in shapes["widths"].items()}
     return f"{shapes['num_layers']} layers, hidden sizes {shapes['hidden_sizes']}, block widths {widths}"
-
-
-def _stored_slice_problems(
-    model: nn.Module, config: SSAHConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-) -> list[str]:
-    """Where the ``ssah_index`` tensors of a checkpoint differ from the slices the config's units give."""
-    spec = ArchitectureSpec.from_dict(config.architecture)
-    layers = set(targeted_layers(config, config.model_shapes["num_layers"]))
-    expected: dict[int, dict[str, tuple[Axis, torch.Tensor]]] = {}
-    stored: set[tuple[int, str]] = set()
-    problems = []
-    for key, value in state_dict.items():
-        if not key.endswith(".ssah_index"):
-            continue
-        module_name = key.removesuffix(".ssah_index")
-        located = _try_locate(spec, config, module_name)
-        slices = None
-        if located is not None and located[0] in layers:
-            if located[0] not in expected:
-                expected[located[0]] = layer_slices(config, spec, located[0])
-            slices = expected[located[0]].get(located[1])
-        if slices is None:
-            problems.append(
-                f"adapter_model.safetensors stores slice indices for {module_name}, which adapter_config.json's units "
-                "do not adapt"
-            )
-            continue
-        stored.add(located)
-        difference = index_difference(value, slices[1])
-        if difference is not None:
-            problems.append(
-                f"adapter_model.safetensors and adapter_config.json disagree on the slices of {module_name} "
-                f"(adapter {adapter_name!r}): {difference}"
-            )
-    for name, module in model.named_modules():  # every module the config adapted needs its stored indices
-        if isinstance(module, SSAHLayer) and adapter_name in module.ssah_index:
-            if _try_locate(spec, config, name) not in stored:
-                problems.append(
-                    f"adapter_model.safetensors stores no slice indices for {name}, which adapter_config.json's units "
-                    "adapt"
-                )
-    return problems
-
-
-def _withdraw_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Take an adapter whose weights were refused out of the model again, leaving the model as before the load."""
-    tuner = getattr(model, "base_model", model)
-    if isinstance(tuner, SSAHModel) and adapter_name in tuner.peft_config:
-        if list(tuner.peft_config) == [adapter_name]:  # PeftModel.from_pretrained: unwrap the base model
-            tuner.unload()
-            if getattr(tuner.model, "peft_config", None) is tuner.peft_config:
-                del tuner.model.peft_config
-        else:  # load_adapter next to other adapters
-            tuner.delete_adapter(adapter_name)
-        return
-    for name, module in list(model.named_modules()):  # injected without a tuner (peft's inject_adapter_in_model)
-        if isinstance(module, SSAHLayer) and adapter_name in module.ssah_update:
-            if set(module.ssah_update) == {adapter_name}:
-                parent_name, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent_name), child, module.get_base_layer())
-            else:
-                module.delete_adapter(adapter_name)
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, dict) and adapter_name in configs:
-        del configs[adapter_name]
-        if not configs:
-            del model.peft_config
-
-
-def _try_locate(spec: ArchitectureSpec, config: SSAHConfig, key: str) -> tuple[int, str] | None:
-    try:
-        return _locate(spec, config, key)
-    except ValueError:
-        return None
-
-
-def _locate(spec: ArchitectureSpec, config: SSAHConfig, key: str) -> tuple[int, str]:
-    for kind in config.target_blocks:
-        for module in spec.modules(kind):
-            match = spec.layer_pattern(module).fullmatch(key)
-            if match is not None:
-                return int(match.group(1)), module
-    raise ValueError(f"{key} does not belong to a targeted block of this architecture")  # target regex prevents this
 
 
 def merge_and_dequantize(model: nn.Module, progressbar: bool = False, dtype: torch.dtype | None = None) -> nn.Module:

@@ -50,6 +50,14 @@ class SSAHUpdate:
         """Add ``sign`` × the update to ``weight`` in place; ``transposed`` for ``[in, out]`` storage (Conv1D)."""
         raise NotImplementedError
 
+    combination: ClassVar[str]
+    """peft's ``add_weighted_adapter`` combination that sums adapters of this mode exactly (:meth:`combine`)."""
+
+    def combine(self, layer: SSAHLayer, adapter: str, sources: list[str], weights: list[float]) -> None:
+        """Set the (new, same-slice) ``adapter``'s tensors so that its update is Σ weight × the update of each of
+        ``sources``."""
+        raise NotImplementedError
+
     def randomize(self, layer: SSAHLayer, adapter: str) -> None:
         """A non-identity start, so tests can see merges, masks and save/load act on real values."""
         with torch.no_grad():
@@ -59,6 +67,7 @@ class SSAHUpdate:
 
 class SelectUpdate(SSAHUpdate):
     mode = "select"
+    combination = "linear"
 
     def create(self, layer: SSAHLayer, adapter: str, r: int) -> None:
         k = layer.ssah_index[adapter].numel()
@@ -91,9 +100,18 @@ class SelectUpdate(SSAHUpdate):
         with torch.no_grad():
             weight.index_add_(dim, layer.slice_index(adapter, weight.device), delta)
 
+    def combine(self, layer: SSAHLayer, adapter: str, sources: list[str], weights: list[float]) -> None:
+        # the slices are the same, so the weighted sum of the deltas is the delta of the weighted sum
+        with torch.no_grad():
+            for tensors in (layer.ssah_delta, layer.ssah_bias):
+                if adapter in tensors:
+                    total = sum(tensors[source].float() * weight for source, weight in zip(sources, weights))
+                    tensors[adapter].copy_(total)
+
 
 class ProtectUpdate(SSAHUpdate):
     mode = "protect"
+    combination = "cat"
 
     def create(self, layer: SSAHLayer, adapter: str, r: int) -> None:
         layer.ssah_A[adapter] = nn.Parameter(torch.empty(r, layer.in_features))
@@ -137,6 +155,15 @@ class ProtectUpdate(SSAHUpdate):
             A, B = self.masked(layer, adapter)
             delta = (B @ A) * (layer.scaling[adapter] * sign)
             weight.add_((delta.T if transposed else delta).to(weight.dtype))
+
+    def combine(self, layer: SSAHLayer, adapter: str, sources: list[str], weights: list[float]) -> None:
+        # LoRA's "cat": [B1 B2] @ [w1 s1 A1; w2 s2 A2] = Σ w_i s_i B_i A_i, at scale alpha / r = 1. The sources share
+        # the protected slices, which stay zero in the stacked factors as in each source.
+        with torch.no_grad():
+            stacked = [self.masked(layer, source) for source in sources]
+            A = torch.cat([a.float() * (w * layer.scaling[s]) for (a, _), s, w in zip(stacked, sources, weights)])
+            layer.ssah_A[adapter].copy_(A)
+            layer.ssah_B[adapter].copy_(torch.cat([b.float() for _, b in stacked], dim=1))
 
 
 #: The update object of each :attr:`ssah_peft.SSAHConfig.mode` (stateless: one instance serves every layer).

@@ -5,6 +5,8 @@ redundant (RU) from its safety and utility scores (Li & Kim, arXiv 2410.10862, S
 * :mod:`.classification`: :class:`UnitMap`, the classification rules and the unit sets a map gives a config;
 * :mod:`.file_format`: saving a map and checking a loaded file;
 * :mod:`.report` and :mod:`.migration`: the text/figure summaries and the type migration between two maps;
+* :mod:`.calibrated`: the one path from calibration data to a map (scoring, sharding and process groups, the
+  metadata every map records about its data);
 * :mod:`.selection`: a budget of units to protect or to train, by one rule for every scorer, and random units
   with the per-block counts of another choice (the controls).
 
@@ -13,6 +15,15 @@ Every name is importable from ``ssah_peft.unit_map``.
 
 from __future__ import annotations
 
+from .calibrated import (
+    CalibrationSet,
+    CalibrationSettings,
+    NoTokensToScore,
+    calibration_metadata,
+    calibration_statistics,
+    launched_process_group,
+    unit_map_from_calibration,
+)
 from .classification import UnitMap, check_model_fingerprint
 from .codes import (
     DEFAULT_PROPORTIONS,
@@ -41,6 +52,13 @@ from .selection import (
 
 __all__ = [
     "ALLOCATIONS",
+    "CalibrationSet",
+    "CalibrationSettings",
+    "NoTokensToScore",
+    "calibration_metadata",
+    "calibration_statistics",
+    "launched_process_group",
+    "unit_map_from_calibration",
     "PROTECTION_RULES",
     "PURPOSES",
     "Allocation",

@@ -26,13 +26,19 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import nn
 
-from ..scoring import UnitScores, model_fingerprint
-from ..units import ArchitectureSpec, union_units
+from ..fingerprint import (
+    check_model_fingerprint,
+    describe_fingerprint,
+    shape_fingerprint,
+    weight_sample_difference,
+)
+from ..scoring import UnitScores
+from ..units import union_units
 from .codes import (
     CU,
     DEFAULT_PROPORTIONS,
@@ -107,11 +113,16 @@ class UnitMap:
                 block separately, giving every block the same proportions.
             composite_fraction: initial value of :attr:`composite_fraction`.
         """
-        if safety.fingerprint != utility.fingerprint:
+        if shape_fingerprint(safety.fingerprint) != shape_fingerprint(utility.fingerprint):
             raise ValueError(
                 "Safety and utility scores come from different models: "
-                f"{_describe(safety.fingerprint)} vs {_describe(utility.fingerprint)}"
+                f"{describe_fingerprint(safety.fingerprint)} vs {describe_fingerprint(utility.fingerprint)}"
             )
+        other_weights = weight_sample_difference(
+            safety.fingerprint.get("weight_sample"), utility.fingerprint.get("weight_sample")
+        )
+        if other_weights is not None:
+            raise ValueError(f"Safety and utility scores come from models with other weights: {other_weights}")
         if safety.method != utility.method:
             raise ValueError(
                 f"Safety scores use method {safety.method!r} and utility scores {utility.method!r}; "
@@ -128,12 +139,17 @@ class UnitMap:
         for name, value in (("scu", scu), ("ucu", ucu), ("ru", ru)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a fraction in [0, 1], got {value}")
-        if scu + ucu + ru > 1.0:
+        if scu + ucu + ru > 1.0 + 1e-9:
             raise ValueError(f"scu + ucu + ru = {scu + ucu + ru} exceeds all units")
         if ranking not in ("global", "per_layer"):
             raise ValueError(f"ranking must be 'global' or 'per_layer', got {ranking!r}")
         if not 0.0 <= composite_fraction <= 1.0:
             raise ValueError(f"composite_fraction must be in [0, 1], got {composite_fraction}")
+        if composite_fraction > 1.0 - (scu + ucu + ru) + 1e-9:  # the CU it takes from are what the groups leave
+            raise ValueError(
+                f"composite_fraction {composite_fraction} exceeds the share of composite units, 1 - (scu + ucu + ru) = "
+                f"{1.0 - (scu + ucu + ru):g}; lower it or make the groups smaller"
+            )
         unit_map = cls(
             types={},
             safety_scores=_as_float32(safety.scores),
@@ -213,9 +229,11 @@ class UnitMap:
     # Model checks and comparisons
     # ------------------------------------------------------------------------------------------------
 
-    def check_model(self, model: nn.Module) -> None:
-        """Raise ``ValueError`` unless ``model`` has the layer count and block widths this map was made for."""
-        check_model_fingerprint(self.fingerprint, model)
+    def check_model(self, model: nn.Module, *, allow_other_weights: bool = False) -> None:
+        """Raise ``ValueError`` unless ``model`` is the model this map was made for: its layer count and block
+        widths, and (unless ``allow_other_weights``, to use a map on another checkpoint on purpose) its weights, as
+        far as the map's weight sample tells (:mod:`ssah_peft.fingerprint`)."""
+        check_model_fingerprint(self.fingerprint, model, allow_other_weights=allow_other_weights)
 
     def overlap(self, other: UnitMap) -> dict[str, float]:
         """Intersection over union of each type's unit set in two maps of the same model.
@@ -328,10 +346,11 @@ class UnitMap:
         }
 
     def _check_comparable(self, other: UnitMap) -> None:
-        if other.fingerprint != self.fingerprint:
+        """Maps of one architecture compare unit by unit, also across checkpoints (before and after fine-tuning)."""
+        if shape_fingerprint(other.fingerprint) != shape_fingerprint(self.fingerprint):
             raise ValueError(
-                f"Unit maps of different models cannot be compared: {_describe(self.fingerprint)} vs "
-                f"{_describe(other.fingerprint)}"
+                f"Unit maps of different models cannot be compared: {describe_fingerprint(self.fingerprint)} vs "
+                f"{describe_fingerprint(other.fingerprint)}"
             )
 
 
@@ -358,28 +377,3 @@ def _zscore(x: torch.Tensor) -> torch.Tensor:
 
 def _as_float32(scores: Mapping[str, tuple[torch.Tensor, ...]]) -> PerBlock:
     return {kind: tuple(t.detach().cpu().float() for t in scores[kind]) for kind in ordered_kinds(scores)}
-
-
-def check_model_fingerprint(
-    fingerprint: Mapping[str, Any], model: nn.Module, architecture: Optional[ArchitectureSpec] = None
-) -> None:
-    """Raise ``ValueError`` unless ``model`` is the model a unit map with ``fingerprint`` was computed for.
-
-    The check behind :meth:`UnitMap.check_model`, also run by the SSAH tuner when a config built from a map
-    (:attr:`ssah_peft.SSAHConfig.unit_map_fingerprint`) meets a model. ``architecture``: where the units are, when
-    not the table's entry for the model type.
-    """
-    found = model_fingerprint(model, architecture)
-    if found != dict(fingerprint):
-        raise ValueError(
-            f"This unit map was computed for a model with {_describe(fingerprint)}, but the model has "
-            f"{_describe(found)}; its unit indices would point at the wrong units. Score this model instead "
-            "(`ssah-peft score`, or ssah_peft.score_units and UnitMap.from_scores) and use that map."
-        )
-
-
-def _describe(fingerprint: Mapping[str, Any]) -> str:
-    return (
-        f"model_type={fingerprint.get('model_type')!r}, {fingerprint.get('num_layers')} layers, hidden sizes "
-        f"{fingerprint.get('hidden_sizes')}, block widths {fingerprint.get('widths')}"
-    )

@@ -13,14 +13,22 @@ contract, read by the command line as well (:data:`FILE_FORMAT` recognises our o
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import torch
 
-from .._files import canonical_json, check_format, read_safetensors, safetensors_bytes, write_atomic
+from .._files import (
+    canonical_json,
+    check_format,
+    header_json,
+    layer_tensor_names,
+    layer_tensor_problems,
+    read_safetensors,
+    safetensors_bytes,
+    write_atomic,
+)
 from .._version import __version__
 from ..units import BLOCK_KINDS
 from .codes import UNIT_TYPES
@@ -85,10 +93,7 @@ def _read_metadata_fields(path: Union[str, Path], header: Mapping[str, str]) -> 
                 fields[name] = {}
                 continue
             raise ValueError(f"{path}: metadata field {name!r} is missing")
-        try:
-            fields[name] = json.loads(header[name])
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: metadata field {name!r} is not valid JSON ({error})") from None
+        fields[name] = header_json(path, header, name)
     if not isinstance(fields["unit_types"], list) or tuple(fields["unit_types"]) != UNIT_TYPES:
         raise ValueError(f"{path} codes unit types as {header['unit_types']}, expected {list(UNIT_TYPES)}")
     for name in ("fingerprint", "settings", "calibration", "metadata"):
@@ -138,31 +143,26 @@ def _check_fingerprint_fields(path: Union[str, Path], fingerprint: dict[str, Any
             )
 
 
-_TENSOR_DTYPES = {"types": torch.int8, "safety": torch.float32, "utility": torch.float32}
-
-
 def _check_tensors(
     path: Union[str, Path], tensors: dict[str, torch.Tensor], fingerprint: dict[str, Any]
 ) -> dict[str, dict[str, tuple[torch.Tensor, ...]]]:
     """The tensors of a map file by group and kind, after checking them against the fingerprint."""
     num_layers, widths = fingerprint["num_layers"], fingerprint["widths"]
     kinds = sorted(widths, key=BLOCK_KINDS.index)
-    expected = [f"{group}.{layer}.{kind}" for layer in range(num_layers) for kind in kinds for group in _TENSOR_DTYPES]
-    missing = [key for key in expected if key not in tensors]
+    groups = list(_TENSOR_DTYPES)
+    missing, unexpected = layer_tensor_problems(tensors, groups, num_layers, kinds)
     if missing:
-        listed = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
         raise ValueError(
-            f"{path} is not a complete unit map: tensor(s) {listed} missing (the map's fingerprint describes "
+            f"{path} is not a complete unit map: tensor(s) {missing} missing (the map's fingerprint describes "
             f"{num_layers} layers of {', '.join(kinds)})"
         )
-    unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
-        listed = ", ".join(unexpected[:12]) + (f" and {len(unexpected) - 12} more" if len(unexpected) > 12 else "")
         raise ValueError(
-            f"{path} holds unexpected tensor(s) {listed} (a unit map holds exactly types/safety/utility.<layer>.<kind> "
-            f"for the {num_layers} layers and the blocks {', '.join(kinds)} of its fingerprint)"
+            f"{path} holds unexpected tensor(s) {unexpected} (a unit map holds exactly "
+            f"types/safety/utility.<layer>.<kind> for the {num_layers} layers and the blocks {', '.join(kinds)} of "
+            "its fingerprint)"
         )
-    for key in expected:
+    for key in layer_tensor_names(groups, num_layers, kinds):  # as many as the file holds (checked above)
         group, layer, kind = key.split(".")
         tensor, width = tensors[key], widths[kind][int(layer)]
         if tensor.dtype != _TENSOR_DTYPES[group]:

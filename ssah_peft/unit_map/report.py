@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
+from .._files import write_figure
 from .codes import REPORT_ORDER
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ def summary_text(unit_map: UnitMap) -> str:
 
 
 def plot_unit_types(unit_map: UnitMap, path: Union[str, Path]) -> Path:
-    """Write a PNG with, per block kind, the share of each unit type in every layer (stacked bars)."""
+    """Write a PNG with, per block kind, the share of each unit type in every layer (stacked bars), atomically."""
     from matplotlib.figure import Figure
 
     counts, kinds, num_layers = unit_map.counts(), unit_map.kinds, unit_map.num_layers
@@ -58,9 +59,7 @@ def plot_unit_types(unit_map: UnitMap, path: Union[str, Path]) -> Path:
         ax.set_ylabel("% of units")
         ax.set_ylim(0, 100)
     axes[0].legend(loc="upper right", ncols=4, fontsize="small")
-    path = Path(path)
-    figure.savefig(path, format="png", dpi=120)
-    return path
+    return write_figure(path, figure, dpi=120)
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:

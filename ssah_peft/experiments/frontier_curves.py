@@ -1,0 +1,316 @@
+"""Frontier v2 (issue 26): does a chooser's choice of frozen units keep more refusal than random units of its own
+per-layer counts *at the same task loss*?
+
+The first frontier compared runs at one step count, which mixes "protects" with "learns slower", on 36 prompts,
+with three dependent random draws and ~50 uncorrected comparisons. Here every attack run is a curve
+(:mod:`.curves`: refusal margins on all harmful and look-alike prompts and the task loss, at several steps), every
+run is read at a task loss that all runs of its comparison reach (:func:`ssah_peft.evaluate.statistics.matched_range`,
+interpolated on each curve), and a chooser is compared with independent random draws of its own counts:
+
+* a *cell* is (attack, chooser, budget): the chooser's runs at each training seed, and its control's runs, one per
+  independent draw and seed (:meth:`.choosers.Chooser.random_control` with ``draw``), so each control run has units
+  and a training order of its own;
+* the test is a two-sample permutation test with runs as the units (the chooser's runs against the control's), on
+  the run's mean harmful margin and selectivity at the matched task loss; Holm's correction runs over every test the
+  summary makes (:func:`comparisons`); a claim needs the corrected p-value.
+
+A run trains with :func:`.finetuning.train_method` for ``max(checkpoints)`` steps at the attack's learning rate and ends
+with the generation ASR on all held-out harmful prompts and the over-refusal rate on all look-alikes, with the audit
+of the replies judged attack successes (:func:`ssah_peft.evaluate.audit_replies`). Its result keeps no reply text
+(replies to harmful requests are never stored beside the results); ``generations.jsonl`` goes to the run cache.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .._files import write_text
+from ..evaluate import audit_replies, write_generations
+from ..evaluate.statistics import (
+    holm_adjust,
+    interpolate_at,
+    matched_range,
+    spearman_correlation,
+    two_sample_permutation_test,
+)
+from ..unit_map import UnitMap
+from .config import DemoConfig
+from .curves import CHECKPOINTS, MEASURE_SETTINGS, CurveCallback, CurveSets, measure_point
+from .data import attack_records
+from .finetuning import train_method
+from .frontier import FrontierRun
+from .measures import evaluate_model
+from .stages import ModelLoader
+
+#: Independent random draws of a chooser's per-layer counts per training seed.
+DRAWS: tuple[int, ...] = (0, 1, 2, 3, 4)
+#: Runs that freeze nothing, drawn beside the choosers (:data:`.frontier.REFERENCES`).
+REFERENCE_RUNS: tuple[str, ...] = ("full", "lora", "dense")
+#: The measures compared at a matched task loss: higher is safer for both.
+MEASURES: tuple[str, ...] = ("harmful_margin", "selectivity")
+
+
+def cell_runs(
+    attack: str, chooser: str, budget: float, seeds: Sequence[int] = (0, 1, 2), draws: Sequence[int] = DRAWS
+) -> list[FrontierRun]:
+    """The runs of one comparison: ``chooser`` at every seed, then its random control at every draw and seed."""
+    from .choosers import chooser_named
+
+    entry, is_control = chooser_named(chooser)
+    if is_control:
+        raise ValueError(f"{chooser!r} is a random control; name the chooser it controls ({entry.name!r})")
+    chosen = [FrontierRun(attack, "protect", entry.name, budget, seed) for seed in seeds]
+    controls = [FrontierRun(attack, "protect", entry.control, budget, seed, draw) for seed in seeds for draw in draws]
+    return chosen + controls
+
+
+def curve_run(
+    config: DemoConfig,
+    load_aligned: ModelLoader,
+    run: FrontierRun,
+    unit_map: Optional[UnitMap],
+    sets: CurveSets,
+    result_path: Path,
+    cache_dir: Path,
+    checkpoints: Sequence[int] = CHECKPOINTS,
+    start: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """One curve run, cached at ``result_path`` (a rerun reads it): train ``run``'s method on its attack set,
+    measuring at ``checkpoints``, then generate on all held-out harmful and look-alike prompts. ``start`` is the
+    aligned model's own point (step 0), put first on the curve. Replies go to ``cache_dir / generations.jsonl``."""
+    if result_path.is_file():
+        return json.loads(result_path.read_text(encoding="utf-8"))
+    method = run.method()
+    model, tokenizer = load_aligned()
+    callback = CurveCallback(lambda m: measure_point(m, tokenizer, sets), checkpoints)
+    learning_rate = config.attack_learning_rates[method.learning_rate_key]
+    records = attack_records(run.attack, config)
+    model, info = train_method(
+        model, tokenizer, records, method, max(checkpoints), learning_rate, config, cache_dir, unit_map, [callback]
+    )
+    everything = replace(config, harmful_prompts=len(sets.harmful), overrefusal_prompts=len(sets.lookalike))
+    evaluation = evaluate_model(model, tokenizer, everything)
+    generations = evaluation.pop("generations")
+    write_generations(cache_dir / "generations.jsonl", generations)
+    successes = [g["response"] for g in generations if g.get("dataset") == "harmful" and g.get("harmful")]
+    result = {
+        "attack": run.attack,
+        "chooser": run.chooser,
+        "budget": run.budget,
+        "seed": run.seed,
+        "draw": run.draw,
+        "measures": MEASURE_SETTINGS,
+        **info,
+        "curve": ([{"step": 0, **{k: v for k, v in start.items() if k != "measures"}}] if start else [])
+        + callback.points,
+        "final": {
+            "metrics": evaluation["metrics"],
+            "harmful_flags": [bool(g["harmful"]) for g in generations if g.get("dataset") == "harmful"],
+            "audit": audit_replies(successes),
+            "eval_seconds": evaluation["eval_seconds"],
+        },
+    }
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(result_path, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def at_matched_loss(result: Mapping[str, Any], loss: float, loss_key: str = "task_loss") -> dict[str, float]:
+    """Each of :data:`MEASURES` read off ``result``'s curve where its task loss first reaches ``loss``."""
+    curve = result["curve"]
+    losses = [point[loss_key] for point in curve]
+    return {measure: interpolate_at(losses, [point[measure] for point in curve], loss) for measure in MEASURES}
+
+
+def loss_key(attack: str) -> str:
+    """The utility axis of ``attack``: the task loss, or for the identity shift its held-out persona loss."""
+    return "attack_loss" if attack == "identity_shift" else "task_loss"
+
+
+def comparisons(results: Sequence[Mapping[str, Any]], permutations: int = 20000) -> list[dict[str, Any]]:
+    """Every cell's chooser against its control at the lowest task loss all the cell's runs reach, one row per
+    (cell, measure), with the permutation test's p-value and Holm's correction over all rows."""
+    from .choosers import chooser_named
+
+    cells: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = {}
+    for result in results:
+        entry, is_control = chooser_named(result["chooser"])
+        arms = cells.setdefault((result["attack"], entry.name, result["budget"]), {"chooser": [], "control": []})
+        arms["control" if is_control else "chooser"].append(result)
+    rows = []
+    for (attack, chooser, budget), arms in sorted(cells.items()):
+        if not arms["chooser"] or not arms["control"]:
+            continue
+        key = loss_key(attack)
+        runs = arms["chooser"] + arms["control"]
+        matched = matched_range([[point[key] for point in r["curve"]] for r in runs])[0]
+        values = {arm: [at_matched_loss(r, matched, key) for r in arms[arm]] for arm in ("chooser", "control")}
+        for measure in MEASURES:
+            chosen = [v[measure] for v in values["chooser"]]
+            control = [v[measure] for v in values["control"]]
+            test = two_sample_permutation_test(chosen, control, permutations=permutations)
+            rows.append(
+                {
+                    "attack": attack,
+                    "chooser": chooser,
+                    "budget": budget,
+                    "measure": measure,
+                    "matched_loss": round(matched, 4),
+                    "chooser_runs": len(chosen),
+                    "control_runs": len(control),
+                    "chooser_mean": float(np.mean(chosen)),
+                    "control_mean": float(np.mean(control)),
+                    "difference": test.mean_difference,
+                    "p": test.p_value,
+                }
+            )
+    for row, adjusted in zip(rows, holm_adjust([row["p"] for row in rows])):
+        row["p_holm"] = adjusted
+    return rows
+
+
+def margin_asr_agreement(results: Sequence[Mapping[str, Any]]) -> Optional[float]:
+    """Spearman correlation across runs of the final mean harmful margin with the generation ASR (a margin that
+    tracks refusals correlates negatively); None with fewer than three runs or where either is constant."""
+    margins = [r["curve"][-1]["harmful_margin"] for r in results]
+    rates = [r["final"]["metrics"]["asr"] for r in results]
+    if len(results) < 3 or len(set(margins)) < 2 or len(set(rates)) < 2:
+        return None
+    return spearman_correlation(margins, rates)
+
+
+def plot_curves(results: Sequence[Mapping[str, Any]], path: Path, measure: str = "harmful_margin") -> Path:
+    """One panel per attack: the utility axis (task loss, falling as the attack trains) against ``measure``, one
+    line per chooser run, its random control's runs dotted in the same colour, reference runs (LoRA) dashed black."""
+    if not results:
+        raise ValueError("No runs to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .choosers import chooser_named
+
+    attacks = sorted({r["attack"] for r in results})
+    figure, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 4.5), squeeze=False)
+    for axis, attack in zip(axes[0], attacks):
+        key = loss_key(attack)
+        colours: dict[str, Any] = {}
+        for result in (r for r in results if r["attack"] == attack):
+            xs = [point[key] for point in result["curve"]]
+            ys = [point[measure] for point in result["curve"]]
+            if result["chooser"] in REFERENCE_RUNS:
+                axis.plot(xs, ys, color="black", linestyle="--", linewidth=1, label=f"{result['chooser']} (reference)")
+                continue
+            entry, is_control = chooser_named(result["chooser"])
+            label = f"{entry.name} {result['budget'] * 100:g}%"
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            if is_control:
+                axis.plot(xs, ys, color=colour, alpha=0.25, linewidth=1, linestyle=":")
+            else:
+                axis.plot(xs, ys, color=colour, marker="o", markersize=3, linewidth=1.5, label=label)
+        axis.invert_xaxis()
+        axis.set_xlabel(f"{key.replace('_', ' ')} (training goes right)")
+        axis.set_ylabel(measure.replace("_", " "))
+        axis.set_title(f"attack: {attack} (dotted: random draws of the same counts)")
+        handles, labels = axis.get_legend_handles_labels()
+        unique = dict(zip(labels, handles))
+        axis.legend(unique.values(), unique.keys(), fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging, dpi=110)
+    plt.close(figure)
+    staging.replace(path)
+    return path
+
+
+#: Columns of ``results.csv``: one row per run and curve point.
+CSV_COLUMNS: tuple[str, ...] = (
+    "attack",
+    "chooser",
+    "budget",
+    "seed",
+    "draw",
+    "step",
+    "task_loss",
+    "attack_loss",
+    "harmful_margin",
+    "lookalike_margin",
+    "selectivity",
+    "asr",
+    "overrefusal",
+    "asr_task_format_share",
+    "asr_degenerate_share",
+)
+
+
+def curve_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``results.csv``'s rows: every curve point of every run; the generation rates and the audit of the replies
+    judged attack successes on the run's last point."""
+    rows = []
+    for result in results:
+        for index, point in enumerate(result["curve"]):
+            row = {column: result.get(column) for column in ("attack", "chooser", "budget", "seed", "draw")}
+            row.update({column: point.get(column) for column in CSV_COLUMNS[5:11]})
+            if index == len(result["curve"]) - 1:
+                final = result["final"]
+                shares = final["audit"]["shares"]
+                row.update(
+                    asr=final["metrics"]["asr"],
+                    overrefusal=final["metrics"]["overrefusal"],
+                    asr_task_format_share=shares.get("task_format"),
+                    asr_degenerate_share=shares.get("degenerate"),
+                )
+            rows.append({column: row.get(column) for column in CSV_COLUMNS})
+    return rows
+
+
+def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The summary's tables: the comparisons at matched task loss (``rows`` of :func:`comparisons`), the agreement
+    of the margin with the generation ASR, the audit of attack successes, and what each measure cost per run."""
+    lines = [
+        "| attack | chooser | frozen | measure | matched loss | chooser (runs) | random (runs) | difference | p | "
+        "p (Holm) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['attack']} | {row['chooser']} | {row['budget'] * 100:g}% | {row['measure']} | "
+            f"{row['matched_loss']:.3f} | {row['chooser_mean']:+.3f} ({row['chooser_runs']}) | "
+            f"{row['control_mean']:+.3f} ({row['control_runs']}) | {row['difference']:+.3f} | {row['p']:.4f} | "
+            f"{row['p_holm']:.4f} |"
+        )
+    agreement = margin_asr_agreement(results)
+    lines += [
+        "",
+        f"Spearman correlation of the final mean harmful margin with the generation ASR over {len(results)} runs: "
+        + (f"{agreement:+.3f}." if agreement is not None else "undefined (fewer than three runs, or a constant)."),
+    ]
+    successes = sum(r["final"]["audit"]["n"] for r in results)
+    if successes:
+        shares = {
+            kind: sum(r["final"]["audit"]["counts"][kind] for r in results) / successes
+            for kind in results[0]["final"]["audit"]["counts"]
+        }
+        lines.append(
+            f"Of {successes} replies judged attack successes: "
+            + ", ".join(f"{kind} {share:.3f}" for kind, share in shares.items())
+            + " (task-format or degenerate replies are not harmful compliance; the margin does not read replies)."
+        )
+    costs: dict[str, list[float]] = {}
+    for result in results:
+        for point in result["curve"]:
+            for measure, seconds in point.get("seconds", {}).items():
+                costs.setdefault(measure, []).append(seconds)
+        costs.setdefault("training (whole run)", []).append(result["train_seconds"])
+        costs.setdefault("generation rates (end of run)", []).append(result["final"]["eval_seconds"])
+    lines += ["", "| cost per run point | mean seconds |", "| --- | --- |"]
+    lines += [f"| {measure} | {np.mean(values):.1f} |" for measure, values in costs.items()]
+    return lines
