@@ -41,9 +41,6 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-from torch import nn
-
 #: What to do when a tokenizer has no chat template, for every error that reports one.
 NO_TEMPLATE_ADVICE = (
     "ssah-peft works on chat models: load the model's chat tokenizer, set tokenizer.chat_template, or pass a "
@@ -134,11 +131,6 @@ def tokenize_exchange(
         response_ids = _encode(tokenizer, full_text[len(prompt_text) :])[0]
         ids, is_response = prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids)
     return ids[:max_length], is_response[:max_length]
-
-
-def input_device(model: nn.Module) -> torch.device:
-    """Where a model's input ids must go: the device of its input embeddings (first device under a device_map)."""
-    return model.get_input_embeddings().weight.device
 
 
 def _check_template(tokenizer: Any, chat_template: Optional[str]) -> None:

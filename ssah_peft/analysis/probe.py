@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from .._files import read_json, write_json
-from ..chat import input_device, prompt_token_ids
+from ..chat import prompt_token_ids
+from ..devices import input_device
 
 #: Openings of a refusal, several phrasings; each is at least 10 tokens long in common BPE vocabularies.
 DEFAULT_REFUSAL_OPENINGS: tuple[str, ...] = (

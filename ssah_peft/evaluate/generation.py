@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from ..chat import input_device, prompt_token_ids, tokenize_exchange
+from ..chat import prompt_token_ids, tokenize_exchange
+from ..devices import input_device
 
 
 @dataclass

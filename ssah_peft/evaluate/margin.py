@@ -28,7 +28,8 @@ from typing import Any, Optional, Union
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..chat import input_device, prompt_token_ids
+from ..chat import prompt_token_ids
+from ..devices import input_device
 from .generation import perplexity
 
 #: Openings of a refusal, written for this project: how an aligned model's reply to a harmful request starts. Short

@@ -25,8 +25,8 @@ ATTACK_SETS: tuple[str, ...] = ("task", "identity_shift")
 
 @dataclass
 class DemoConfig:
-    """Sizes and settings of one demo run. :meth:`full` took 21 min on 2 CPU cores held to AVX2 (about 16 with
-    AVX-512) and :meth:`quick` 2.5 min."""
+    """Sizes and settings of one demo run: :meth:`full` (the default demo) and :meth:`quick` (smoke-test sizes);
+    what each costs is measured in the README's "The demo" and ``benchmarks/results/demo/``."""
 
     run_dir: Path = Path("runs/demo")
     model: str = DEFAULT_MODEL
@@ -69,10 +69,10 @@ class DemoConfig:
     aligned_method: str = "ssah_select"
     """The alignment run whose model becomes the base of stages 3 and 4."""
     attacks: list[str] = field(default_factory=lambda: ["task"])
-    """The attack sets of stage 4 (:data:`ATTACK_SETS`). The identity-shifting attack is not in the default demo:
-    its six runs took 7 of 23 minutes on 2 cores with AVX-512, and without AVX-512 the demo is near its 30-minute
-    budget without them; ``benchmarks/frontier.py`` runs it at every budget with three seeds, and ``--attacks task
-    identity_shift`` adds it to a demo."""
+    """The attack sets of stage 4 (:data:`ATTACK_SETS`). The identity-shifting attack is not in the default demo, to
+    keep the demo within its time budget (the README's "The demo" has the measured account);
+    ``benchmarks/frontier.py`` runs it at every budget with three seeds, and ``--attacks task identity_shift`` adds it
+    to a demo."""
     migration_runs: list[str] = field(default_factory=lambda: ["task/full", "task/ssah_protect_all_cu"])
     """Attack runs (``data/method``) whose models are scored again: the unit types of the aligned model before and
     after the attack, the paper's attribute migration (Fig. 5)."""

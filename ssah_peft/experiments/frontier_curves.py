@@ -212,7 +212,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], path: Path, measure: str =
             label = f"{entry.name} {result['budget'] * 100:g}%"
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
             if is_control:
-                axis.plot(xs, ys, color=colour, alpha=0.25, linewidth=1, linestyle=":")
+                axis.plot(xs, ys, color=colour, alpha=0.5, linewidth=1, linestyle=":")
             else:
                 axis.plot(xs, ys, color=colour, marker="o", markersize=3, linewidth=1.5, label=label)
         axis.invert_xaxis()

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..chat import input_device
+from ..devices import input_device
 from ..quantization import dense_weight
 from ..units import ArchitectureSpec, PerBlock, _part_rows, _row_keys, _unit_keys, model_shapes, resolve_architecture
 from .accumulators import _sequence_losses

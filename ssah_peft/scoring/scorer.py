@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..chat import input_device
+from ..devices import input_device
 from ..quantization import disable_cpu_4bit_repacking
 from ..units import ArchitectureSpec, resolve_architecture
 from .accumulators import (
