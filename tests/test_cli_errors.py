@@ -327,9 +327,9 @@ def test_scan_checks_the_unit_map_against_the_loaded_model_before_scanning(files
     checked = []
     check_model = UnitMap.check_model
 
-    def spy(self, model):
+    def spy(self, model, **options):
         checked.append(model)
-        return check_model(self, model)
+        return check_model(self, model, **options)
 
     monkeypatch.setattr(UnitMap, "check_model", spy)
     monkeypatch.setattr(commands, "degradation_scan", lambda *a, **k: pytest.fail("scanned"))

@@ -193,3 +193,22 @@ def test_finetune_refuses_a_map_of_another_checkpoint_unless_allowed(tmp_path: P
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     own_sample = model_fingerprint(AutoModelForCausalLM.from_pretrained(checkpoint))["weight_sample"]
     assert saved["weight_sample"] == own_sample  # the adapter is bound to the model it was trained on
+
+
+def test_ablate_refuses_a_map_of_another_checkpoint_unless_allowed(tmp_path: Path, capsys) -> None:
+    checkpoint = tmp_path / "model"
+    tiny_model("llama", vocab_size=128).save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    other_map = tmp_path / "other.safetensors"
+    unit_map_of(tiny_model("llama", seed=1, vocab_size=128)).save(other_map)
+    args = ["ablate", "--model", str(checkpoint), "--unit-map", str(other_map), "--types", "SCU"]
+    args += ["--no-random-control", "--limit", "1", "--max-new-tokens", "1", "--no-progress"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--out-dir", str(tmp_path / "refused")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 1 and OTHER_WEIGHTS in err
+    assert not (tmp_path / "refused").exists()
+
+    assert main([*args, "--out-dir", str(tmp_path / "run"), "--allow-other-weights"]) == 0
+    assert (tmp_path / "run" / "ablation.json").is_file()

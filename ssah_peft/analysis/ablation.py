@@ -284,6 +284,7 @@ def ablation_table(
     limit: int = 20,
     settings: Optional[GenerationSettings] = None,
     seed: int = 0,
+    allow_other_weights: bool = False,
 ) -> AblationTable:
     """Ablate each unit type of ``unit_map`` in turn and measure ASR, over-refusal, task accuracy and perplexity.
 
@@ -291,8 +292,9 @@ def ablation_table(
     size per layer and kind as ``types[0]`` (SCU by default), the control the SCU row must beat. Every set is
     evaluated on the first ``limit`` records of the built-in sets (keyword judges; perplexity of the
     ``utility_calibration`` responses), greedy with ``settings`` (default: 32 new tokens, batches of 16).
+    ``allow_other_weights``: ablate the units of a map scored on other weights of the same shapes, on purpose.
     """
-    unit_map.check_model(model)
+    unit_map.check_model(model, allow_other_weights=allow_other_weights)
     settings = settings or GenerationSettings(max_new_tokens=32, show_progress=False)
     total = sum(sum(w) for w in unit_map.fingerprint["widths"].values())
     sets: list[tuple[str, UnitsDict]] = [("none", {})]

@@ -62,6 +62,12 @@ def _analysis_parser(
     parser.add_argument("--out-dir", type=Path, required=True, help="run directory for the result files")
     if unit_map is not None:
         parser.add_argument("--unit-map", required=True, help=unit_map)
+        parser.add_argument(
+            "--allow-other-weights",
+            action="store_true",
+            help="use a unit map scored on other weights of the same shapes (e.g. a base model's map on its instruct "
+            "sibling); refused by default",
+        )
     add_progress_argument(parser)
     add_overwrite_argument(parser)
     return parser
@@ -151,7 +157,7 @@ def _load_checked(args: argparse.Namespace, unit_map: UnitMap) -> tuple[Any, Any
     check_model_source(args.model, embedded=EMBEDDED_MODELS)
     model, tokenizer = load_model(args)
     with user_errors(args.unit_map):
-        unit_map.check_model(model)
+        unit_map.check_model(model, allow_other_weights=args.allow_other_weights)
     return model, tokenizer
 
 
@@ -172,6 +178,7 @@ def _ablate(args: argparse.Namespace) -> int:
         limit=args.limit,
         settings=settings,
         seed=args.seed,
+        allow_other_weights=args.allow_other_weights,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     print(table.markdown())
