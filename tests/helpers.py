@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
 VOCAB = 97
 
@@ -156,3 +156,18 @@ def write_jsonl(path: Path, records) -> Path:
     """Write ``records`` as a JSON Lines file; returns the path."""
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+class Interrupt(Exception):
+    """Raised by :class:`StopAfterSave`: a run cut off as a kill would."""
+
+
+class StopAfterSave(TrainerCallback):
+    """Ends the run right after the checkpoint of ``step`` is written, as a kill would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt

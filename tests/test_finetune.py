@@ -12,9 +12,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import pairs, tiny_model, tiny_tokenizer, write_jsonl
+from helpers import Interrupt, StopAfterSave, pairs, tiny_model, tiny_tokenizer, write_jsonl
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 import ssah_peft
 from ssah_peft.cli import main
@@ -92,21 +91,6 @@ def test_end_to_end_through_the_cli_and_reload_in_a_fresh_process(tmp_path, chec
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reloaded ok" in done.stdout
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfterSave(TrainerCallback):
-    """Kills the run right after the checkpoint of ``step`` is written, as a crash would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt
 
 
 def test_an_interrupted_run_resumed_ends_with_the_same_adapter(tmp_path, checkpoint, train_file):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from helpers import Interrupt, StopAfterSave
 
 import ssah_peft
 from ssah_peft import UnitMap, UnitScores
@@ -267,21 +267,6 @@ def test_the_run_folder_lock_excludes_another_process_and_is_free_when_it_ends(t
     assert holder.returncode == 0 and not path.exists()
     with exclusive_lock(path, "run folder"):  # free once its holder ended
         assert path.read_text().strip() == str(os.getpid())
-
-
-class Interrupt(Exception):
-    pass
-
-
-class StopAfterSave(TrainerCallback):
-    """Ends the run right after the checkpoint of ``step`` is written, as a kill would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise Interrupt
 
 
 @pytest.fixture(scope="module")

@@ -131,9 +131,15 @@ def test_resume_skips_a_finished_control_and_retrains_a_missing_one_to_the_same_
     [
         (dict(control="shuffled"), "control: must be one of random, got 'shuffled'"),
         (dict(control="random", mode="lora"), "mode 'lora' trains every unit: it has no chosen units to compare"),
+        (dict(chooser="snip"), "chooser 'snip' needs a budget: the share of all units it chooses"),
+        (dict(budget=0.1), "budget is for a chooser by score (snip, wanda, variance)"),
+        (dict(chooser="ssah", budget=0.1), "chooser: must be one of types, snip, wanda, variance, got 'ssah'"),
+        (dict(chooser="snip", budget=1.0), "budget: must be a share of the units in (0, 1), got 1.0"),
+        (dict(chooser="wanda", budget=0.1, unit_types="SCU"), "it takes no unit types (--protect/--units)"),
+        (dict(chooser="wanda", budget=0.1, mode="lora"), "mode 'lora' trains every unit: it takes no chooser"),
     ],
 )
-def test_bad_control_values_are_refused_before_the_model_loads(
+def test_bad_control_and_chooser_values_are_refused_before_the_model_loads(
     tmp_path, checkpoint, train_file, monkeypatch, options, message
 ):
     monkeypatch.setattr(ssah_peft.models, "load", refuse_loading)
@@ -212,27 +218,6 @@ def test_a_chooser_by_score_freezes_its_budget_of_the_ranked_units_and_takes_its
     assert report["settings"]["chooser"] == "snip" and report["settings"]["budget"] == 0.1
     assert report["units_chosen_by"] == "protect 10.0% by snip (global, difference)"
     assert f"units protect 10.0% by snip (global, difference): {report['units']:,})" in (out / "report.md").read_text()
-
-
-@pytest.mark.parametrize(
-    "options, message",
-    [
-        (dict(chooser="snip"), "chooser 'snip' needs a budget: the share of all units it chooses"),
-        (dict(budget=0.1), "budget is for a chooser by score (snip, wanda, variance)"),
-        (dict(chooser="ssah", budget=0.1), "chooser: must be one of types, snip, wanda, variance, got 'ssah'"),
-        (dict(chooser="snip", budget=1.0), "budget: must be a share of the units in (0, 1), got 1.0"),
-        (dict(chooser="wanda", budget=0.1, unit_types="SCU"), "it takes no unit types (--protect/--units)"),
-        (dict(chooser="wanda", budget=0.1, mode="lora"), "mode 'lora' trains every unit: it takes no chooser"),
-    ],
-)
-def test_bad_chooser_values_are_refused_before_the_model_loads(
-    tmp_path, checkpoint, train_file, monkeypatch, options, message
-):
-    monkeypatch.setattr(ssah_peft.models, "load", refuse_loading)
-    with pytest.raises(ValueError) as error:
-        ssah_peft.finetune(str(checkpoint), str(train_file), tmp_path / "run", **options)
-    assert message in str(error.value)
-    assert not (tmp_path / "run").exists()
 
 
 def test_a_given_map_of_another_scorer_is_refused_before_the_model_loads(

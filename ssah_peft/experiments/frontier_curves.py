@@ -40,6 +40,7 @@ from ..evaluate.statistics import (
     two_sample_permutation_test,
 )
 from ..unit_map import UnitMap
+from .choosers import chooser_named
 from .config import DemoConfig
 from .curves import CHECKPOINTS, MEASURE_SETTINGS, CurveCallback, CurveSets, measure_point
 from .data import attack_records
@@ -60,8 +61,6 @@ def cell_runs(
     attack: str, chooser: str, budget: float, seeds: Sequence[int] = (0, 1, 2), draws: Sequence[int] = DRAWS
 ) -> list[FrontierRun]:
     """The runs of one comparison: ``chooser`` at every seed, then its random control at every draw and seed."""
-    from .choosers import chooser_named
-
     entry, is_control = chooser_named(chooser)
     if is_control:
         raise ValueError(f"{chooser!r} is a random control; name the chooser it controls ({entry.name!r})")
@@ -136,8 +135,6 @@ def loss_key(attack: str) -> str:
 def comparisons(results: Sequence[Mapping[str, Any]], permutations: int = 20000) -> list[dict[str, Any]]:
     """Every cell's chooser against its control at the lowest task loss all the cell's runs reach, one row per
     (cell, measure), with the permutation test's p-value and Holm's correction over all rows."""
-    from .choosers import chooser_named
-
     cells: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = {}
     for result in results:
         entry, is_control = chooser_named(result["chooser"])
@@ -194,8 +191,6 @@ def plot_curves(results: Sequence[Mapping[str, Any]], path: Path, measure: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .choosers import chooser_named
 
     attacks = sorted({r["attack"] for r in results})
     figure, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 4.5), squeeze=False)
