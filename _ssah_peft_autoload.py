@@ -67,24 +67,34 @@ def _add_placeholder(peft: ModuleType) -> None:
 
 
 class _AfterPeft(MetaPathFinder):
-    """Runs ``action`` once, right after the module ``peft`` has been executed."""
+    """Runs ``action`` once, right after the module ``peft`` has been executed.
+
+    It stays on ``sys.meta_path`` until then: transformers probes ``importlib.util.find_spec("peft")`` (to see
+    whether peft is installed) long before anything imports it, and a finder that left at the first lookup would miss
+    the real import. Every lookup gets a spec whose loader runs ``action`` after peft's own code; only the spec the
+    import uses ever executes."""
 
     def __init__(self, action: Callable[[ModuleType], None]) -> None:
         self.action = action
+        self.looking = False
 
     def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 - importlib protocol
-        if fullname != "peft":
+        if fullname != "peft" or self.looking:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from recursing
-        spec = importlib.util.find_spec("peft")
+        self.looking = True  # the lookup below asks the finders again, this one included
+        try:
+            spec = importlib.util.find_spec("peft")
+        finally:
+            self.looking = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_peft = spec.loader.exec_module
-        action = self.action
 
         def exec_module(module):  # noqa: ANN001
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             exec_peft(module)
-            action(module)
+            self.action(module)
 
         spec.loader.exec_module = exec_module
         return spec

@@ -243,3 +243,24 @@ def test_without_autoload_loading_says_to_import_ssah_peft(saved) -> None:
     assert lines[-2].startswith("refused: SSAHNotRegisteredError This is an SSAH adapter")
     assert "SSAH_PEFT_NO_AUTOLOAD is set: run `import ssah_peft` before loading it" in lines[-2]
     assert lines[-1] == "after import: PeftModel"
+
+
+# the autoload hook survives a probe of peft before its import (transformers' is_peft_available does one)
+# ----------------------------------------------------------------------------------------------------
+
+PROBED_FIRST = """
+import importlib.util, sys
+assert importlib.util.find_spec("peft") is not None and "peft" not in sys.modules
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r})
+print(type(model).__name__, "ssah_peft" in sys.modules)
+"""
+
+
+def test_an_adapter_loads_without_importing_ssah_peft_after_peft_was_probed(saved) -> None:
+    script = PROBED_FIRST.format(base=str(saved["base"]), adapter=str(saved["protect"]))
+    env = {key: value for key, value in os.environ.items() if key != "SSAH_PEFT_NO_AUTOLOAD"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "PeftModel True"
