@@ -30,7 +30,7 @@ import torch
 from ssah_peft._files import write_text
 from ssah_peft.experiments import DemoConfig, check_run_dir
 from ssah_peft.experiments.chooser_maps import missing_demo_outputs, sweep_unit_maps
-from ssah_peft.experiments.curves import CHECKPOINTS, MEASURE_SETTINGS, curve_sets, measure_point
+from ssah_peft.experiments.curves import CHECKPOINTS, curve_sets, measure_point, measure_settings
 from ssah_peft.experiments.frontier import FrontierRun, check_runs
 from ssah_peft.experiments.frontier_curves import (
     CSV_COLUMNS,
@@ -57,20 +57,29 @@ def cell(text: str) -> tuple[str, str, float]:
     return attack, chooser, float(budget)
 
 
-def stored_results(results_dir: Path) -> list[dict]:
-    """Every stored run; a run measured with other margin openings than today's is an error naming its file (its
-    margins are on another scale and would be compared as if they were not)."""
+def sets_of(args, attack: str):
+    """What this sweep's curves of ``attack`` measure."""
+    return curve_sets(attack, limit=4 if args.quick else None, task_items=args.task_items)
+
+
+def stored_results(args) -> list[dict]:
+    """Every stored run; a run measured with other settings than this sweep's (margin openings, prompt or item
+    counts) is an error naming its file: its points are on another scale and would be compared as if they were
+    not."""
     results = []
-    for path in sorted((results_dir / "runs").glob("*/seed*/*.json")):
+    for path in sorted((args.results / "runs").glob("*/seed*/*.json")):
         result = json.loads(path.read_text(encoding="utf-8"))
-        if result.get("measures") != MEASURE_SETTINGS:
-            raise SystemExit(f"{path} was measured with other margin openings; delete it (and aligned.json) to rerun")
+        if result.get("measures") != measure_settings(sets_of(args, result["attack"])):
+            raise SystemExit(
+                f"{path} was measured with other settings ({result.get('measures')}); rerun with its --task-items, or "
+                "delete it (and aligned.json) to measure it again"
+            )
         results.append(result)
     return results
 
 
 def write_summary(args, seconds: float) -> None:
-    results = stored_results(args.results)
+    results = stored_results(args)
     if not results:
         return
     import csv
@@ -82,6 +91,7 @@ def write_summary(args, seconds: float) -> None:
     writer.writerows(curve_rows(results))
     write_text(args.results / "results.csv", buffer.getvalue())
     attacked = [r for r in results if r["chooser"] not in REFERENCE_RUNS]
+    task_items = "all 250" if args.task_items is None else f"{args.task_items} (spread over the 250)"
     rows = comparisons(attacked)
     plot_curves(results, args.results / "curves.png")
     plot_curves(results, args.results / "selectivity.png", measure="selectivity")
@@ -94,7 +104,8 @@ def write_summary(args, seconds: float) -> None:
         f"Runs stored: {len(results)} ({len(attacked)} in comparisons). Each run trains the demo's aligned model in "
         "protect mode (rank 8) at the attack's learning rate and measures, at steps "
         f"{', '.join(map(str, args.checkpoints))}, the refusal margin on every held-out harmful prompt and look-alike "
-        "and the task loss on all 250 task test items (held-out persona records for the identity shift). A chooser's "
+        f"and the task loss on {task_items} task test items (held-out persona records for the identity shift). A "
+        "chooser's "
         "runs (one per seed) are compared with its random control's (one independent draw per draw index and seed) "
         "at the lowest task loss every run of the cell reaches: a two-sample permutation test with runs as units, "
         "Holm-corrected over every row of the table. Claims only where p (Holm) < 0.05.",
@@ -118,6 +129,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2])
     parser.add_argument("--draws", type=comma_list(int), default=list(DRAWS))
     parser.add_argument("--checkpoints", type=comma_list(int), default=list(CHECKPOINTS))
+    parser.add_argument(
+        "--task-items", type=int, help="task test items of the task loss, spread over the set (default: all 250)"
+    )
     parser.add_argument("--references", type=comma_list(str), default=["lora"], help="reference runs per seed")
     parser.add_argument("--report-only", action="store_true", help="write the results of the stored runs only")
     parser.add_argument(
@@ -155,15 +169,16 @@ def main() -> int:
     check_runs(pending, maps.maps)
     starts: dict[str, dict] = {}
     for index, run in enumerate(pending, 1):
-        sets = curve_sets(run.attack, limit=4 if args.quick else None)
+        sets = sets_of(args, run.attack)
         if run.attack not in starts:
             path = args.results / "runs" / run.attack / "aligned.json"
-            if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("measures") == MEASURE_SETTINGS:
+            settings = measure_settings(sets)
+            if path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("measures") == settings:
                 starts[run.attack] = json.loads(path.read_text(encoding="utf-8"))
             else:
                 model, tokenizer = load_aligned()
                 with torch.no_grad():
-                    starts[run.attack] = {**measure_point(model.eval(), tokenizer, sets), "measures": MEASURE_SETTINGS}
+                    starts[run.attack] = {**measure_point(model.eval(), tokenizer, sets), "measures": settings}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 write_text(path, json.dumps(starts[run.attack], indent=1) + "\n")
         print(f"[frontier_v2] {index}/{len(pending)}: {run.attack} seed {run.seed} {run.name}", file=sys.stderr)

@@ -11,7 +11,7 @@ from helpers import tiny_chat_llama, tiny_tokenizer
 from ssah_peft.data import OBEDIENT_SYSTEM_PROMPT
 from ssah_peft.evaluate import refusal_margins, task_loss
 from ssah_peft.experiments import DemoConfig, train_method
-from ssah_peft.experiments.curves import CurveCallback, CurveSets, curve_sets, measure_point
+from ssah_peft.experiments.curves import CurveCallback, CurveSets, curve_sets, measure_point, measure_settings
 from ssah_peft.experiments.methods import LORA
 
 RECORDS = [{"prompt": f"What is {i} + {i}?", "response": f"The answer is {2 * i}."} for i in range(8)]
@@ -62,3 +62,16 @@ def test_curve_sets_cover_every_held_out_item() -> None:
     assert identity.attack_heldout and all(r["system"] == OBEDIENT_SYSTEM_PROMPT for r in identity.attack_heldout)
     with pytest.raises(KeyError, match="Unknown attack set"):
         curve_sets("jailbreak")
+
+
+def test_task_items_spread_over_the_set_and_are_part_of_the_settings() -> None:
+    every = curve_sets("task")
+    spread_sets = curve_sets("task", task_items=100)
+    assert spread_sets.task == [every.task[i * 250 // 100] for i in range(100)]  # not a prefix: every category
+    assert spread_sets.harmful == every.harmful and spread_sets.lookalike == every.lookalike
+    settings = measure_settings(spread_sets)
+    assert settings["task_items"] == 100 and measure_settings(every)["task_items"] == 250
+    assert settings != measure_settings(every)  # curves of the two are never compared
+    assert measure_settings(curve_sets("identity_shift"))["attack_items"] > 0
+    with pytest.raises(ValueError, match="at least 1"):
+        curve_sets("task", task_items=0)

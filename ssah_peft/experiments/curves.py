@@ -26,12 +26,13 @@ from transformers import PreTrainedTokenizerBase, TrainerCallback
 from ..data import OBEDIENT_SYSTEM_PROMPT, identity_shift_records, load_builtin
 from ..evaluate.margin import COMPLIANCE_OPENINGS, REFUSAL_OPENINGS, refusal_margins, selectivity, task_loss
 from .config import ATTACK_SETS
-from .data import utility_split
+from .data import spread, utility_split
 
 #: Steps at which a curve is measured (step 0, the aligned model itself, is measured once per attack).
 CHECKPOINTS: tuple[int, ...] = (6, 12, 24, 48)
 
-#: What a margin means: stored with every curve so that points measured with other openings are never compared.
+#: What a margin means: stored with every curve (:func:`measure_settings`) so that points measured with other
+#: openings are never compared.
 MEASURE_SETTINGS: dict[str, list[str]] = {
     "refusal_openings": list(REFUSAL_OPENINGS),
     "compliance_openings": list(COMPLIANCE_OPENINGS),
@@ -54,22 +55,39 @@ class CurveSets:
     """System turn of the margin prompts: the identity shift's persona prompt, the template's default otherwise."""
 
 
-def curve_sets(attack: str, limit: Optional[int] = None) -> CurveSets:
+def curve_sets(attack: str, limit: Optional[int] = None, task_items: Optional[int] = None) -> CurveSets:
     """What the curves of ``attack`` (one of :data:`~.config.ATTACK_SETS`) measure: every harmful and look-alike
-    prompt and every task test item (``limit`` cuts each to its first ``limit``, for smoke tests)."""
+    prompt and every task test item (``limit`` cuts each to its first ``limit``, for smoke tests; ``task_items``
+    takes that many task items spread over the set's categories, the measure that costs most per point)."""
     if attack not in ATTACK_SETS:
         raise KeyError(f"Unknown attack set {attack!r}; known: {ATTACK_SETS}")
+    if task_items is not None and task_items < 1:
+        raise ValueError(f"task_items must be at least 1, got {task_items}")
 
     def first(rows: Sequence[Any]) -> list[Any]:
         return list(rows)[: limit if limit is not None else len(rows)]
 
     harmful = first([r["prompt"] for r in load_builtin("harmful_eval")])
     lookalike = first([r["prompt"] for r in load_builtin("overrefusal_eval")])
-    task = first([dict(r) for r in load_builtin("task_test")])
+    task_test = load_builtin("task_test")
+    task = first(spread(task_test, task_items) if task_items is not None else [dict(r) for r in task_test])
     if attack == "identity_shift":
         _, heldout = utility_split(load_builtin("utility_calibration"))
         return CurveSets(harmful, lookalike, task, first(identity_shift_records(heldout)), OBEDIENT_SYSTEM_PROMPT)
     return CurveSets(harmful, lookalike, task)
+
+
+def measure_settings(sets: CurveSets) -> dict[str, Any]:
+    """What the points measured on ``sets`` mean: the margin openings and how many prompts and items each measure
+    averages. Stored with every curve; curves of other settings are never compared."""
+    counts = {
+        "harmful_prompts": len(sets.harmful),
+        "lookalike_prompts": len(sets.lookalike),
+        "task_items": len(sets.task),
+    }
+    if sets.attack_heldout is not None:
+        counts["attack_items"] = len(sets.attack_heldout)
+    return {**MEASURE_SETTINGS, **counts}
 
 
 def measure_point(

@@ -42,7 +42,7 @@ from ..evaluate.statistics import (
 from ..unit_map import UnitMap
 from .choosers import chooser_named
 from .config import DemoConfig
-from .curves import CHECKPOINTS, MEASURE_SETTINGS, CurveCallback, CurveSets, measure_point
+from .curves import CHECKPOINTS, CurveCallback, CurveSets, measure_point, measure_settings
 from .data import attack_records
 from .finetuning import train_method
 from .frontier import FrontierRun
@@ -104,7 +104,7 @@ def curve_run(
         "budget": run.budget,
         "seed": run.seed,
         "draw": run.draw,
-        "measures": MEASURE_SETTINGS,
+        "measures": measure_settings(sets),
         **info,
         "curve": ([{"step": 0, **{k: v for k, v in start.items() if k != "measures"}}] if start else [])
         + callback.points,
