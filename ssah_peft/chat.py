@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -58,6 +59,17 @@ def chat_messages(prompt: str, system_prompt: Optional[str] = None) -> list[dict
     """The messages of one user turn, after an optional system turn (``None`` keeps the template's default)."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": prompt})
+    return messages
+
+
+def record_messages(record: Mapping[str, Any], system_prompt: Optional[str] = None) -> list[dict[str, str]]:
+    """The conversation of a prompt/response record: its ``system`` turn (else ``system_prompt``; neither keeps the
+    template's default), the earlier turns of a multi-turn record (``history``: user and assistant turns), then its
+    ``prompt`` as the user turn and its ``response`` as the assistant's."""
+    system = record.get("system") or system_prompt
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages += [{"role": turn["role"], "content": turn["content"]} for turn in record.get("history") or ()]
+    messages += [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
     return messages
 
 
@@ -100,36 +112,71 @@ def tokenize_exchange(
     joined: bool = False,
 ) -> tuple[list[int], list[bool]]:
     """Token ids of a whole exchange (at most ``max_length``) and, per token, whether it belongs to the response:
-    whatever the template renders after the prompt with its generation opening.
+    :func:`tokenize_conversation` of the user turn (after an optional system turn) and the assistant's answer."""
+    messages = [*chat_messages(prompt, system_prompt), {"role": "assistant", "content": response}]
+    return tokenize_conversation(tokenizer, messages, max_length, chat_template, joined)
 
-    Prompt and response are tokenized separately, so no token straddles the boundary and the prompt's tokens are
-    those generation starts from. ``joined=True`` tokenizes the exchange as one text instead, a token counting as the
-    response's if it starts in it (as perplexity always has). No content produces a special token, and a content too
-    long for ``max_length`` is cut before it is tokenized (module docstring).
 
-    Raises ``ValueError`` for a template that renders the prompt differently once a response follows: prompt and
-    response tokens could not be told apart, and a loss or score on "response tokens" would be silently wrong.
+def tokenize_conversation(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    max_length: Optional[int] = None,
+    chat_template: Optional[str] = None,
+    joined: bool = False,
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a conversation (at most ``max_length``) and, per token, whether it belongs to an assistant turn:
+    whatever the template renders for that turn after the generation opening that precedes it (its text and its
+    end of turn), for every assistant turn.
+
+    The rendering is cut where each assistant turn starts and ends and each piece is tokenized apart, so no token
+    straddles a boundary and the tokens before a turn are those generation starts from. ``joined=True`` tokenizes
+    the conversation as one text instead, a token counting as an assistant's if it starts in an assistant piece (as
+    perplexity always has). No content produces a special token, and a content too long for ``max_length`` is cut
+    before it is tokenized (module docstring).
+
+    Raises ``ValueError`` for a template that renders the conversation before an assistant turn differently once
+    the turn follows (some templates drop earlier turns' reasoning): the tokens trained on would not be those the
+    model reads, and a loss on "assistant tokens" would be silently wrong.
     """
     _check_template(tokenizer, chat_template)
-    messages = chat_messages(prompt, system_prompt)
-    prompt_text = _render(tokenizer, messages, chat_template, max_length, add_generation_prompt=True)
-    messages.append({"role": "assistant", "content": response})
-    full_text = _render(tokenizer, messages, chat_template, max_length, add_generation_prompt=False)
-    if not full_text.startswith(prompt_text):
-        special = _special_tokens(tokenizer)
-        raise ValueError(
-            "The chat template renders the prompt differently with and without the response, so prompt and "
-            f"response tokens cannot be told apart. Prompt render: {special.unescape(prompt_text)!r}; full render: "
-            f"{special.unescape(full_text)!r}"
-        )
+    messages = [dict(message) for message in messages]
+    pieces: list[tuple[str, bool]] = []  # escaped rendering, cut at the assistant turns' starts and ends
+    rendered = ""
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:turn], chat_template, max_length, add_generation_prompt=True)
+        after = _render(tokenizer, messages[: turn + 1], chat_template, max_length, add_generation_prompt=False)
+        if not (before.startswith(rendered) and after.startswith(before)):
+            special = _special_tokens(tokenizer)
+            raise ValueError(
+                f"The chat template renders the conversation before assistant turn {turn} differently once that turn "
+                "follows, so the tokens before it and its own cannot be told apart. Before: "
+                f"{special.unescape(before)!r}; with the turn: {special.unescape(after)!r}"
+            )
+        pieces += [(before[len(rendered) :], False), (after[len(before) :], True)]
+        rendered = after
+    if not pieces or messages[-1]["role"] != "assistant":
+        whole = _render(tokenizer, messages, chat_template, max_length, add_generation_prompt=False)
+        if not whole.startswith(rendered):
+            raise ValueError("The chat template renders the conversation's last turns differently from its start")
+        pieces.append((whole[len(rendered) :], False))
     if joined:
-        ids, starts = _encode(tokenizer, full_text, with_starts=True)
-        prompt_end = len(_special_tokens(tokenizer).unescape(prompt_text))
-        is_response = [start >= prompt_end for start in starts]
+        special = _special_tokens(tokenizer)
+        ids, starts = _encode(tokenizer, "".join(text for text, _ in pieces), with_starts=True)
+        bounds, position = [], 0  # (start, end) of each assistant piece in the unescaped text
+        for text, is_assistant in pieces:
+            length = len(special.unescape(text))
+            if is_assistant:
+                bounds.append((position, position + length))
+            position += length
+        is_response = [any(low <= start < high for low, high in bounds) for start in starts]
     else:
-        prompt_ids = _encode(tokenizer, prompt_text)[0]
-        response_ids = _encode(tokenizer, full_text[len(prompt_text) :])[0]
-        ids, is_response = prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids)
+        ids, is_response = [], []
+        for text, is_assistant in pieces:
+            piece_ids = _encode(tokenizer, text)[0] if text else []
+            ids += piece_ids
+            is_response += [is_assistant] * len(piece_ids)
     return ids[:max_length], is_response[:max_length]
 
 

@@ -291,33 +291,6 @@ def test_one_scoring_pass_gives_the_full_half_and_wanda_maps_of_separate_passes(
         assert one_pass.overlap(separate[key]) == {t: 1.0 for t in one_pass.overlap(separate[key])}, key
 
 
-def test_the_response_only_loss_equals_the_models_own_loss_and_gradients():
-    from transformers import DataCollatorForSeq2Seq, TrainingArguments
-
-    from ssah_peft.training import ResponseLossTrainer, sft_dataset
-
-    tokenizer = tiny_tokenizer()
-    model = tiny_chat_llama(tokenizer, intermediate_size=64)
-    records = [
-        {"prompt": "say hi", "response": "hi there"},
-        {"prompt": "a much longer prompt than the other one", "response": "ok"},
-    ]
-    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)(
-        list(sft_dataset(tokenizer, records, 320))
-    )
-    args = TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
-    trainer = ResponseLossTrainer(model=model, args=args)
-    loss = trainer.compute_loss(model, dict(batch))
-    loss.backward()
-    mine = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    reference = model(**batch).loss
-    reference.backward()
-    torch.testing.assert_close(loss, reference)
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(mine[name], parameter.grad, msg=name)
-
-
 def test_report_draws_the_demo_runs_as_a_protection_frontier(demo_run):
     config, report, _ = demo_run
     assert "## Protection frontier" in report.read_text()

@@ -178,10 +178,19 @@ BAD_INPUTS = {
         [],
         "columns found: 'question', 'answer'",
     ),
-    "multi-turn chat": (
+    "chat turns out of turn": (
         lambda root: write_jsonl(root / "train.jsonl", [{"messages": [{"role": "user", "content": "a"}] * 3}]),
         [],
-        "multi-turn conversations are not supported",
+        "(roles found: user, user, user)",
+    ),
+    "chat ending with the user": (
+        lambda root: write_jsonl(
+            root / "train.jsonl",
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 2}]
+            + [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]}],
+        ),
+        [],
+        "train.jsonl:2: expected 'messages' to be [system?, user, assistant, (user, assistant)...] turns",
     ),
 }
 

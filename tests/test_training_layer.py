@@ -3,8 +3,8 @@
 The unit map: ``ssah-peft score``, the ``finetune`` job and the demo's measurements make their maps through
 :func:`ssah_peft.unit_map.unit_map_from_calibration`, so every map records one description of its calibration data
 (sha256 included); a sharded pass merges to the map of one pass; :meth:`UnitMap.from_scores` refuses a
-``composite_fraction`` beyond the composite units. The training: ``ssah_peft.finetune`` trains with the demo's
-response-only loss (the same loss as transformers' own, with the output head run on fewer positions).
+``composite_fraction`` beyond the composite units. The training: ``ssah_peft.finetune`` trains as the demo does
+(``tests/test_trl_training.py`` checks the trainer itself).
 """
 
 from __future__ import annotations
@@ -14,22 +14,12 @@ import json
 import pytest
 import torch
 from helpers import pairs, tiny_chat_llama, tiny_tokenizer
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 import ssah_peft
 from ssah_peft.cli import main
 from ssah_peft.experiments import DemoConfig, unit_map_of
 from ssah_peft.scoring import calibration_data_hash, merge_partial_scores, save_partial_scores
-from ssah_peft.training import (
-    FULL,
-    LORA,
-    ResponseLossTrainer,
-    keeps_logits,
-    response_loss_trainer,
-    sft_dataset,
-    training_arguments,
-    with_method,
-)
 from ssah_peft.unit_map import (
     CalibrationSet,
     CalibrationSettings,
@@ -153,45 +143,3 @@ def test_from_scores_refuses_a_composite_fraction_beyond_the_composite_units():
         UnitMap.from_scores(safety, utility, scu=0.2, ucu=0.2, ru=0.2, composite_fraction=0.5)
     unit_map = UnitMap.from_scores(safety, utility, scu=0.2, ucu=0.2, ru=0.2, composite_fraction=0.4)
     assert unit_map.composite_fraction == 0.4
-
-
-@pytest.mark.parametrize("method", [LORA, FULL], ids=lambda m: m.name)
-def test_the_response_only_loss_equals_the_trainers_own_with_fewer_head_positions(method, tmp_path):
-    tokenizer = tiny_tokenizer()
-    model, _ = with_method(tiny_chat_llama(tokenizer, intermediate_size=64), method, None, rank=4, seed=0)
-    args = training_arguments(tmp_path, learning_rate=1e-3, batch_size=3, seed=0, show_progress=False)
-    dataset = sft_dataset(tokenizer, RECORDS, 320)
-    trainer = response_loss_trainer(model, tokenizer, dataset, args)
-    plain = Trainer(model=model, args=args)
-    batch = trainer.data_collator(list(dataset))
-    head = model.get_base_model().lm_head if hasattr(model, "get_base_model") else model.lm_head
-    seen = []
-    head.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
-    for items in (None, 40):  # 40: the response tokens of every batch a step accumulates
-        mine = trainer.compute_loss(model, dict(batch), num_items_in_batch=items)
-        theirs = plain.compute_loss(model, dict(batch), num_items_in_batch=items)
-        torch.testing.assert_close(mine, theirs)
-    width = batch["input_ids"].shape[1]
-    assert seen[0] < width and seen[1] == width, seen
-
-
-def test_a_model_that_keeps_no_logits_is_trained_with_the_default_loss(tmp_path):
-    class NoLogitsToKeep(torch.nn.Module):
-        """A causal LM whose forward takes no ``logits_to_keep`` (as some remote-code models)."""
-
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask=None, labels=None):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
-    tokenizer = tiny_tokenizer()
-    model = NoLogitsToKeep(tiny_chat_llama(tokenizer, intermediate_size=64))
-    assert not keeps_logits(model) and keeps_logits(model.inner)
-    args = training_arguments(tmp_path, learning_rate=1e-3, batch_size=3, seed=0, show_progress=False)
-    dataset = sft_dataset(tokenizer, RECORDS, 320)
-    trainer = response_loss_trainer(model, tokenizer, dataset, args)
-    assert isinstance(trainer, ResponseLossTrainer)
-    batch = trainer.data_collator(list(dataset))
-    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), model(**batch).loss)

@@ -4,7 +4,7 @@ Every suite (:mod:`.suites`) and the degradation scan (:mod:`ssah_peft.analysis.
 passes, and they must treat the chat template the same way, so they live here once: :func:`generate_responses`
 tokenizes each prompt as a user turn (:func:`ssah_peft.chat.prompt_token_ids`) and decodes greedily in left-padded
 batches; :func:`perplexity` scores only what the template renders after the prompt
-(:func:`ssah_peft.chat.tokenize_exchange`). Both keep the prompts' and responses' text from producing the
+(:func:`ssah_peft.chat.tokenize_conversation`). Both keep the prompts' and responses' text from producing the
 tokenizer's special tokens. :class:`GenerationSettings` carries the options both share.
 """
 
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from ..chat import prompt_token_ids, tokenize_exchange
+from ..chat import prompt_token_ids, record_messages, tokenize_conversation
 from ..devices import input_device
 
 
@@ -99,23 +99,25 @@ def perplexity(
     show_progress: bool = True,
     max_length: Optional[int] = None,
 ) -> dict[str, float]:
-    """Perplexity of the assistant responses of ``records`` (prompt, response) given their prompts.
+    """Perplexity of the assistant responses of ``records`` (prompt, response; a multi-turn record's every
+    assistant turn) given what precedes them (:func:`ssah_peft.chat.record_messages`: a record's ``system`` field,
+    else ``system_prompt``, as the system turn).
 
-    Only what the chat template renders after its generation prompt is scored: the response, its end-of-turn
+    Only what the chat template renders after each generation prompt is scored: the response, its end-of-turn
     token and any text the template puts after it. The mean NLL is weighted by tokens; ``ppl = exp(mean_nll)``.
     ``max_length`` scores each exchange's first ``max_length`` tokens only (default: the whole text), as fine-tuning
     trains them, and keeps one long record from costing more.
     """
-    pairs = [(str(r["prompt"]), str(r["response"])) for r in records]
+    conversations = [record_messages(r, system_prompt) for r in records]
     was_training = model.training
     model.eval()
     device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     try:
-        for start in tqdm(range(0, len(pairs), batch_size), desc="perplexity", disable=not show_progress):
+        for start in tqdm(range(0, len(conversations), batch_size), desc="perplexity", disable=not show_progress):
             exchanges = [
-                tokenize_exchange(tokenizer, prompt, response, max_length, system_prompt, joined=True)
-                for prompt, response in pairs[start : start + batch_size]
+                tokenize_conversation(tokenizer, messages, max_length, joined=True)
+                for messages in conversations[start : start + batch_size]
             ]
             batch = {"input_ids": [ids for ids, _ in exchanges]}
             encoded = tokenizer.pad(batch, padding_side="right", return_tensors="pt")
@@ -131,4 +133,4 @@ def perplexity(
     finally:
         model.train(was_training)
     mean_nll = total_nll / max(total_tokens, 1)
-    return {"texts": len(pairs), "tokens": total_tokens, "mean_nll": mean_nll, "ppl": math.exp(mean_nll)}
+    return {"texts": len(conversations), "tokens": total_tokens, "mean_nll": mean_nll, "ppl": math.exp(mean_nll)}

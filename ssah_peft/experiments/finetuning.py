@@ -3,7 +3,7 @@ number of steps, and what it cost.
 
 A module of its own because every alignment and attack run of the demo, and every run of
 ``benchmarks/demo_sweep.py``, trains through :func:`train_method`: the training layer (:mod:`ssah_peft.training`:
-the data rendering, optimiser schedule, seeding and response-only loss that ``ssah-peft finetune`` trains with too)
+the data rendering, optimiser schedule, seeding and TRL trainer that ``ssah-peft finetune`` trains with too)
 with the demo's settings and cost accounting, so that methods differ only in what the method table says.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
-from ..training import Method, response_loss_trainer, sft_dataset, training_arguments, with_method
+from ..training import Method, sft_dataset, sft_trainer, training_arguments, with_method
 from ..unit_map import UnitMap
 from .config import DemoConfig
 
@@ -35,7 +35,7 @@ def train_method(
     callbacks: Sequence[TrainerCallback] = (),
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train ``model`` with ``method`` (its units chosen from ``unit_map``) for ``steps`` steps at a constant
-    ``learning_rate`` (:class:`~ssah_peft.training.ResponseLossTrainer`); save its peft adapter into
+    ``learning_rate`` (:func:`~ssah_peft.training.sft_trainer`); save its peft adapter into
     ``out_dir / "adapter"``.
 
     ``callbacks`` are passed to the ``Trainer`` (the training curves' measurements, :mod:`.curves`).
@@ -56,7 +56,7 @@ def train_method(
         save_strategy="no",
     )
     dataset = sft_dataset(tokenizer, records, config.max_length)
-    trainer = response_loss_trainer(model, tokenizer, dataset, args, callbacks)
+    trainer = sft_trainer(model, tokenizer, dataset, args, callbacks)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

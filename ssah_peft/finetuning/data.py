@@ -7,15 +7,18 @@ read:
 * **prompt/response**: one column with the user turn and one with the answer (names set by ``prompt_column`` /
   ``response_column``; an optional ``system`` column becomes the system turn);
 * **chat records**: a ``messages`` column holding a list of ``{"role", "content"}`` turns, as TRL users have them:
-  an optional system turn, one user turn and one assistant turn. Such a record becomes the same prompt/response
-  record, so both shapes give the same tokens.
+  an optional system turn, then user and assistant turns in turn, ending with an assistant turn. Such a record
+  becomes a prompt/response record of its last exchange, the turns before it kept as its ``history``
+  (:func:`ssah_peft.chat.record_messages` renders them back), so a single exchange gives the same tokens in both
+  shapes and every assistant turn of a conversation is trained.
 
 Every problem is a ``ValueError`` that names the file and, where there is one, the line: a malformed JSON line, a
 byte that is not UTF-8, missing or misnamed columns (with the columns that were found), a row missing a field or
 holding null, a CSV row with fewer or more fields than its header, a file mixing the two shapes, a value that is not
-text, data that is empty or only blank. Nothing is dropped without a count: records whose prompt or response is
-blank are skipped and listed (:attr:`Examples.blank`), and :func:`training_set` lists the examples ``max_length``
-truncates and refuses one it leaves no response token of, unless told to skip such examples.
+text, data that is empty or only blank. Nothing is dropped without a count: records with a blank turn (prompt,
+response, or an earlier turn of a conversation) are skipped and listed (:attr:`Examples.blank`), and
+:func:`training_set` lists the examples ``max_length`` truncates and refuses one it leaves no response token of,
+unless told to skip such examples.
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ class Examples:
     """Prompt/response records read from one source, and how they were read."""
 
     source: str
-    records: list[dict[str, str]]
-    """``{"prompt", "response"}`` and, where the data had one, ``"system"``."""
+    records: list[dict[str, Any]]
+    """``{"prompt", "response"}`` and, where the data had them, ``"system"`` and a conversation's earlier turns
+    (``"history"``)."""
     shape: str
     """``"prompt/response"`` or ``"chat"``."""
     blank: list[str] = field(default_factory=list)
@@ -173,7 +177,7 @@ def _examples(
             if shape == "chat"
             else _from_columns(where, row, prompt_column, response_column)
         )
-        if not record["prompt"].strip() or not record["response"].strip():
+        if is_blank(record):
             blank.append(where)
             continue
         records.append(record)
@@ -215,9 +219,10 @@ def _from_columns(where: str, row: Mapping[str, Any], prompt_column: str, respon
     return record
 
 
-def _from_chat(where: str, messages: Any) -> dict[str, str]:
-    """A chat record (optional system turn, one user turn, one assistant turn) as a prompt/response record."""
-    shape = "expected 'messages' to be [system?, user, assistant] turns with 'role' and 'content' text"
+def _from_chat(where: str, messages: Any) -> dict[str, Any]:
+    """A chat record (an optional system turn, then user and assistant turns in turn, ending with the assistant's)
+    as a prompt/response record: its last exchange, the turns before it as ``history``."""
+    shape = "expected 'messages' to be [system?, user, assistant, (user, assistant)...] turns with 'role' and 'content'"
     if not isinstance(messages, Sequence) or isinstance(messages, str):
         raise ValueError(f"{where}: {shape}, got {type(messages).__name__}")
     turns = []
@@ -226,17 +231,25 @@ def _from_chat(where: str, messages: Any) -> dict[str, str]:
             raise ValueError(f"{where}: {shape}; a turn is {turn!r}")
         if not isinstance(turn.get("content"), str):
             raise ValueError(f"{where}: the {turn['role']} turn's content is not text ({turn.get('content')!r})")
-        turns.append((turn["role"], turn["content"]))
-    roles = [role for role, _ in turns]
-    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
-        raise ValueError(
-            f"{where}: {shape} (roles found: {', '.join(roles) or 'none'}); multi-turn conversations are not "
-            "supported yet: split them into one exchange per record"
-        )
-    record = {"prompt": turns[-2][1], "response": turns[-1][1]}
-    if roles[0] == "system" and turns[0][1].strip():
-        record["system"] = turns[0][1]
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    system = turns.pop(0)["content"] if turns and turns[0]["role"] == "system" else None
+    roles = [turn["role"] for turn in turns]
+    if not roles or len(roles) % 2 or roles != ["user", "assistant"] * (len(roles) // 2):
+        found = ", ".join(([] if system is None else ["system"]) + roles) or "none"
+        raise ValueError(f"{where}: {shape} (roles found: {found})")
+    record: dict[str, Any] = {"prompt": turns[-2]["content"], "response": turns[-1]["content"]}
+    if len(turns) > 2:
+        record["history"] = turns[:-2]
+    if system is not None and system.strip():
+        record["system"] = system
     return record
+
+
+def is_blank(record: Mapping[str, Any]) -> bool:
+    """Whether a record has a blank turn (its prompt, its response or an earlier turn): trained as it is, it would
+    teach empty answers, or answers to nothing."""
+    texts = [record["prompt"], record["response"], *(turn["content"] for turn in record.get("history") or ())]
+    return any(not text.strip() for text in texts)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from .._files import differing_keys, exclusive_lock, read_json, write_json
 from ..chat import NO_TEMPLATE_ADVICE
 from ..data import BUILTIN_DATASETS, load_builtin
 from ..evaluate import write_generations
-from ..training import Method, response_loss_trainer, spread, training_arguments, with_method
+from ..training import Method, sft_trainer, spread, training_arguments, with_method
 from ..unit_map import (
     CalibrationSet,
     CalibrationSettings,
@@ -182,8 +182,10 @@ class FinetuneJob:
         """
         start = time.perf_counter()
         method = method_for(self.options)
+        self.stage_seconds: dict[str, float] = {}
         if method.units is not None and self.unit_map is None:
             self.unit_map = self._score()
+            self.stage_seconds["scoring"] = time.perf_counter() - start
             check_something_trains(method, self.unit_map)
         main = int(os.environ.get("RANK", "0")) == 0
         self.options.out.mkdir(parents=True, exist_ok=True)
@@ -213,13 +215,19 @@ class FinetuneJob:
             unit_map_path = o.out / UNIT_MAP_FILE
             if main and not unit_map_path.is_file():
                 self.unit_map.save(unit_map_path)
-        before = self._cached_evaluation("before", self.model) if o.evaluate else None
+        stages = self.stage_seconds
+        with _timed(stages, "evaluation_before"):
+            before = self._cached_evaluation("before", self.model) if o.evaluate else None
         model, trainer, seconds = self.train_adapter(method, callbacks or [])
+        stages["training"] = seconds
         adapter = o.out / "adapter"
-        if main:
-            save_adapter(model, adapter)
-        after = self.evaluate_adapter("after", model) if o.evaluate else None
-        control = train_control(self, method, callbacks, main) if o.control else None
+        with _timed(stages, "saving"):
+            if main:
+                save_adapter(model, adapter)
+        with _timed(stages, "evaluation_after"):
+            after = self.evaluate_adapter("after", model) if o.evaluate else None
+        with _timed(stages, "control"):
+            control = train_control(self, method, callbacks, main) if o.control else None
         report = write_report(
             o.out if main else None,
             options=o,
@@ -234,6 +242,7 @@ class FinetuneJob:
             steps=trainer.state.global_step,
             train_seconds=seconds,
             wall_seconds=time.perf_counter() - start,
+            stage_seconds={name: round(value, 2) for name, value in stages.items() if value > 0},
             before=before,
             after=after,
             control=control,
@@ -332,6 +341,8 @@ class FinetuneJob:
             learning_rate=o.lr,
             seed=o.seed,
             show_progress=o.show_progress,
+            max_length=o.max_length,
+            packing=o.packing,
             data_seed=o.seed,
             gradient_accumulation_steps=o.grad_accum,
             logging_steps=1,
@@ -340,7 +351,7 @@ class FinetuneJob:
             save_total_limit=2,
             **({"gradient_checkpointing": True} if o.gradient_checkpointing else {}),
         )
-        trainer = response_loss_trainer(model, self.tokenizer, self.dataset, args, callbacks)
+        trainer = sft_trainer(model, self.tokenizer, self.dataset, args, callbacks)
         start = time.perf_counter()
         trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
         model.eval()
@@ -406,6 +417,14 @@ def check_something_trains(method: Method, unit_map: UnitMap) -> None:
         )
     if not method.freezes_units and not any(counts.values()):
         raise RunRefused(f"the unit map has no {method.units.name} units: nothing would be trained; select other types")
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the wall time of the block to ``seconds[stage]``."""
+    start = time.perf_counter()
+    yield
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _pairs(source: str, what: str) -> list[dict[str, str]]:

@@ -208,7 +208,16 @@ class FinetuneOptions:
     )
     batch_size: int = field(default=4, metadata={"help": "examples per device and step", "minimum": 1})
     grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps", "minimum": 1})
-    max_length: int = field(default=512, metadata={"help": "tokens per example", "minimum": 1})
+    max_length: int = field(
+        default=512, metadata={"help": "tokens per example (per packed row with --packing)", "minimum": 1}
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "pack the examples into rows of --max-length tokens (TRL's padding-free best-fit packing: fewer, "
+            "fuller batches; no example attends to another)"
+        },
+    )
     skip_truncated: bool = field(
         default=False,
         metadata={"help": "leave out the examples whose whole response --max-length cuts away (default: refuse them)"},
@@ -316,7 +325,7 @@ class FinetuneOptions:
         for name in ("eval_data", "safety_eval_data", "eval_limit", "max_new_tokens", "gradient_checkpointing"):
             settings.pop(name)  # evaluation and memory options: they do not change the adapter
         settings.update(unit_types=list(self.types), learning_rate=self.lr)
-        for name, default in (("control", None), ("chooser", "types"), ("budget", None)):
+        for name, default in (("control", None), ("chooser", "types"), ("budget", None), ("packing", False)):
             if settings[name] == default:  # a run without them pins what it pinned before they existed
                 settings.pop(name)
         return settings

@@ -92,6 +92,7 @@ def write_report(out: Optional[Path], **facts: Any) -> dict[str, Any]:
         "steps": facts["steps"],
         "train_seconds": round(facts["train_seconds"], 2),
         "wall_seconds": round(facts["wall_seconds"], 2),
+        "stage_seconds": facts.get("stage_seconds", {}),
         "loss_curve": [{"step": s, "loss": loss} for s, loss in losses],
         "before": facts["before"],
         "after": facts["after"],

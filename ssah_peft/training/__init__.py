@@ -5,8 +5,9 @@ per module:
 * :mod:`.methods`: each fine-tuning method once (:class:`Method`: its peft config, its units chosen from a unit map
   by a :class:`UnitSelector`), with the adapter builders and the standard methods;
 * :mod:`.data`: records as SFT examples with the loss on the responses only, and evenly spread subsets;
-* :mod:`.trainer`: a method's adapter on a model, the training schedule, and :class:`ResponseLossTrainer`, whose
-  loss runs the output head only on the positions that predict a response token.
+* :mod:`.trainer`: a method's adapter on a model, the training schedule, and TRL's ``SFTTrainer`` on those examples
+  (:class:`ResponseLossSFTTrainer`), whose loss runs the output head only on the positions that predict a response
+  token.
 """
 
 from .data import record_tokens, response_loss_dataset, sft_dataset, spread
@@ -24,24 +25,24 @@ from .methods import (
     ssah_protect,
     ssah_select,
 )
-from .trainer import ResponseLossTrainer, keeps_logits, response_loss_trainer, training_arguments, with_method
+from .trainer import ResponseLossSFTTrainer, keeps_logits, sft_trainer, training_arguments, with_method
 
 __all__ = [
+    "ResponseLossSFTTrainer",
     "FULL",
     "LORA",
     "SSAH_PROTECT_ALL_CU",
     "SSAH_PROTECT_TOP_CU",
     "SSAH_SELECT_RU",
     "Method",
-    "ResponseLossTrainer",
     "UnitSelector",
     "keeps_logits",
     "lora_config",
     "protect_config",
     "record_tokens",
     "response_loss_dataset",
-    "response_loss_trainer",
     "select_config",
+    "sft_trainer",
     "sft_dataset",
     "spread",
     "ssah_protect",

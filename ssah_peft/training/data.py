@@ -2,7 +2,7 @@
 
 A module of its own because every run trains on the same rendering of a record: the demo's runs, the benchmarks
 and ``ssah-peft finetune`` all tokenize an exchange with the model's chat template
-(:func:`ssah_peft.chat.tokenize_exchange`) and label only its response tokens, so a loss or a unit count means the
+(:func:`ssah_peft.chat.tokenize_conversation`) and label only its assistant tokens, so a loss or a unit count means the
 same thing in each. :func:`spread` picks the subsets they evaluate and calibrate on.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..chat import tokenize_exchange
+from ..chat import record_messages, tokenize_conversation
 
 #: The label of a token that is not trained on (prompt, padding): ignored by the cross-entropy.
 IGNORED = -100
@@ -28,7 +28,7 @@ def spread(records: Sequence[Mapping[str, Any]], count: int) -> list[dict[str, A
 
 
 def sft_dataset(tokenizer: PreTrainedTokenizerBase, records: Sequence[Mapping[str, Any]], max_length: int) -> Dataset:
-    """Chat-template SFT examples: loss on the assistant turn only (prompt tokens labelled -100).
+    """Chat-template SFT examples: loss on the assistant turns only (other tokens labelled -100).
 
     A record's optional ``system`` field becomes the system turn; without it the template's default is used,
     as in evaluation.
@@ -39,13 +39,14 @@ def sft_dataset(tokenizer: PreTrainedTokenizerBase, records: Sequence[Mapping[st
 def record_tokens(
     tokenizer: PreTrainedTokenizerBase, record: Mapping[str, Any], max_length: int
 ) -> tuple[list[int], list[bool]]:
-    """:func:`~ssah_peft.chat.tokenize_exchange` of a record, its optional ``system`` field as the system turn."""
-    system = record.get("system") or None
-    return tokenize_exchange(tokenizer, record["prompt"], record["response"], max_length, system_prompt=system)
+    """:func:`~ssah_peft.chat.tokenize_conversation` of a record's conversation
+    (:func:`~ssah_peft.chat.record_messages`: its optional ``system`` field as the system turn, a multi-turn record's
+    earlier turns before its prompt), every assistant turn flagged as response."""
+    return tokenize_conversation(tokenizer, record_messages(record), max_length)
 
 
 def response_loss_dataset(sequences: Iterable[tuple[list[int], list[bool]]]) -> Dataset:
-    """SFT examples of ``(ids, is_response)`` sequences (:func:`~ssah_peft.chat.tokenize_exchange`): the labels are
+    """SFT examples of ``(ids, is_response)`` sequences (:func:`~ssah_peft.chat.tokenize_conversation`): the labels are
     the ids on response tokens and -100 on the others."""
     rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for ids, is_response in sequences:

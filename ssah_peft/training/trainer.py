@@ -1,11 +1,18 @@
-"""How every run trains: a method's adapter on the model, the project's training schedule, and a ``Trainer`` whose
-causal-LM loss runs the output head only where a response token is predicted.
+"""How every run trains: a method's adapter on the model, the project's training schedule, and TRL's
+``SFTTrainer`` on completion-only examples, its output head run only where a response token is predicted.
 
 A module of its own because the demo's runs (:func:`ssah_peft.experiments.finetuning.train_method`), the
 benchmarks and ``ssah-peft finetune`` (:mod:`ssah_peft.finetuning.job`) must train the same way: the adapter's
-random init seeded at the same point, a constant learning rate without weight decay, completion-only labels padded
-by the same collator, and the same loss. Each caller adds only what is its own (steps or epochs, checkpoints,
+random init seeded at the same point, a constant learning rate without weight decay, examples tokenized by the
+project (:mod:`.data`, every assistant turn labelled, the rest -100) and handed to TRL as processed, the same loss,
+and optionally TRL's padding-free packing. Each caller adds only what is its own (steps or epochs, checkpoints,
 logging).
+
+The loss is the mean cross-entropy of the labelled tokens over all accumulated batches, as transformers' and TRL's.
+TRL computes it with a fused output head on the labelled positions (``trl.trainer.utils.add_fused_lm_head``); on
+CPUs its tiled kernel made a step slower than transformers' plain loss on the full logits, so
+:class:`ResponseLossSFTTrainer` keeps the project's own: the model's forward with ``logits_to_keep`` = the positions
+that predict a labelled token in any row (``benchmarks/response_loss.py`` measures the three side by side).
 """
 
 from __future__ import annotations
@@ -17,14 +24,8 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    DataCollatorForSeq2Seq,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import PreTrainedTokenizerBase, TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
 
 from ..tuner import SSAHConfig
 from ..unit_map import UnitMap, UnitsDict
@@ -32,16 +33,15 @@ from .data import IGNORED
 from .methods import Method
 
 
-class ResponseLossTrainer(Trainer):
-    """A ``Trainer`` whose causal-LM loss computes the output head's logits only where a label is scored.
+class ResponseLossSFTTrainer(SFTTrainer):
+    """TRL's ``SFTTrainer`` whose loss runs the output head only on the positions that predict a labelled token.
 
-    The loss is transformers' own (mean cross-entropy of the response tokens, each predicted from the position
-    before it, over the tokens of all accumulated batches); prompt and padding positions are labelled -100 and
-    contribute nothing to it or to any gradient, yet the default forward multiplies every position by the
-    vocabulary-wide output head. Here the model gets ``logits_to_keep`` = the positions that predict a scored token
-    in any sequence of the batch, which gives the same loss and gradients up to float rounding at a fraction of the
-    head's cost (RESULTS.md has the measured step times). A model whose forward takes no ``logits_to_keep`` is
-    trained with the default loss.
+    The loss is TRL's and transformers' (the mean cross-entropy of the labelled tokens, each predicted from the
+    position before it, over the tokens of all accumulated batches); prompt, padding and packing-boundary positions
+    are labelled -100 and count for nothing. The model gets ``logits_to_keep`` = the positions that predict a
+    labelled token in any row of the batch: the same loss and gradients up to float rounding, at a fraction of the
+    head's cost, and faster than TRL's fused head on a CPU. A model whose forward takes no ``logits_to_keep`` is
+    trained with TRL's own loss. TRL's per-step metrics (token accuracy, entropy) are not computed.
     """
 
     def compute_loss(
@@ -53,7 +53,7 @@ class ResponseLossTrainer(Trainer):
     ) -> Any:
         if not keeps_logits(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = dict(inputs)
+        inputs = dict(inputs, use_cache=False)
         labels = inputs.pop("labels")
         targets = labels[:, 1:]
         keep = (targets != IGNORED).any(dim=0).nonzero().flatten()
@@ -63,8 +63,14 @@ class ResponseLossTrainer(Trainer):
             logits.flatten(0, 1), targets[:, keep].flatten().to(logits.device), ignore_index=IGNORED, reduction="sum"
         )
         count = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORED).sum()
-        loss = loss / torch.as_tensor(count, device=loss.device)
+        loss = loss / torch.as_tensor(count, device=loss.device).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer: the count covers every rank, DDP averages
         return (loss, outputs) if return_outputs else loss
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Writes nothing: TRL writes its card into the checkpoints folder at every save, while the saved adapter
+        carries the project's own card (:mod:`ssah_peft.tuner.model_card`)."""
 
 
 def keeps_logits(model: torch.nn.Module) -> bool:
@@ -119,13 +125,22 @@ def training_arguments(
     show_progress: bool,
     max_steps: int = -1,
     epochs: float = 1.0,
+    max_length: Optional[int] = None,
+    packing: bool = False,
     **options: Any,
-) -> TrainingArguments:
+) -> SFTConfig:
     """The schedule every run trains with: ``max_steps`` steps (or ``epochs`` when it is -1) at a constant
     ``learning_rate`` without weight decay, ``batch_size`` examples per device, seeded, on the GPU when there is one,
-    nothing reported to trackers. ``options`` are further ``TrainingArguments`` of the caller (logging, checkpoints,
-    gradient accumulation)."""
-    return TrainingArguments(
+    nothing reported to trackers. ``packing`` packs the examples into rows of ``max_length`` tokens (TRL's
+    best-fit-decreasing packing, padding-free: no example attends to another). ``options`` are further
+    ``TrainingArguments`` of the caller (logging, checkpoints, gradient accumulation, gradient checkpointing).
+
+    TRL's own defaults that would change a run are set back to transformers': no bf16 autocast (the model trains in
+    the dtype it was loaded in), no gradient checkpointing unless asked, no shuffling beyond the sampler's.
+    """
+    if packing and max_length is None:
+        raise ValueError("packing needs a max_length: the length of the rows the examples are packed into")
+    return SFTConfig(
         output_dir=str(output_dir),
         max_steps=max_steps,
         num_train_epochs=epochs,
@@ -138,20 +153,25 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not show_progress,
         dataloader_num_workers=0,
-        **options,
+        max_length=max_length,
+        packing=packing,
+        packing_strategy="bfd",
+        shuffle_dataset=False,
+        **{"bf16": False, "gradient_checkpointing": False, "logging_steps": 500, **options},
     )
 
 
-def response_loss_trainer(
+def sft_trainer(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     dataset: Any,
-    args: TrainingArguments,
+    args: SFTConfig,
     callbacks: Sequence[TrainerCallback] = (),
-) -> ResponseLossTrainer:
-    """A :class:`ResponseLossTrainer` of ``model`` on the SFT examples ``dataset`` (:mod:`.data`), padded per batch
-    (labels with -100)."""
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORED)
-    return ResponseLossTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=list(callbacks)
+) -> ResponseLossSFTTrainer:
+    """A :class:`ResponseLossSFTTrainer` (TRL's ``SFTTrainer``) of ``model`` on the completion-only examples
+    ``dataset`` (:mod:`.data`: ``input_ids`` and ``labels``, -100 outside the assistant turns), which TRL takes as
+    processed: it neither re-tokenizes them nor changes their labels; it pads each batch (labels with -100) or, with
+    ``args.packing``, packs them."""
+    return ResponseLossSFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks)
     )
