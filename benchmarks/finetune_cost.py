@@ -10,8 +10,12 @@ machine's drift falls on all of them:
   same records as prompt/completion chats (completion-only loss), as a TRL user would write it;
 * ``finetune_lora``: ``ssah_peft.finetune(mode="lora", evaluate=False)``: the job's own overhead (data checks,
   run folder, report) and its trainer;
-* ``finetune_protect``: ``ssah_peft.finetune(mode="protect", evaluate=False)``: the above plus scoring the units;
-* ``finetune_protect_eval``: the walkthrough's job (``--eval-limit``), with the safety evaluation before and after.
+* ``finetune_protect``: ``ssah_peft.finetune(mode="protect", evaluate=False, reuse_scores=False)``: the above plus
+  scoring the units, as a first job on a model does;
+* ``finetune_protect_reused``: the same with the unit map an earlier job scored for the same inputs (the job's
+  default; an untimed job of one step scores and caches it first if it is not cached yet);
+* ``finetune_protect_eval``: the walkthrough's job (``--eval-limit``, map scored), with the safety evaluation
+  before and after.
 
 The job's report splits its time into stages (``stage_seconds``: scoring, evaluations, training, saving); the
 ratios are each arm's total and training time over ``trl_lora``'s.
@@ -76,13 +80,13 @@ def trl_lora(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"total": time.perf_counter() - start, "training": training}
 
 
-def job(args: argparse.Namespace, out: Path, mode: str, evaluate: bool) -> dict[str, Any]:
-    start = time.perf_counter()
+def job(args: argparse.Namespace, out: Path, mode: str, evaluate: bool, reuse: bool = False) -> dict[str, Any]:
     extra = {"eval_limit": args.eval_limit} if evaluate else {}
-    result = ssah_peft.finetune(
-        args.model, str(args.data), out, mode=mode, max_steps=args.steps, evaluate=evaluate, show_progress=False,
-        **extra,
-    )  # fmt: skip
+    common = dict(mode=mode, evaluate=evaluate, show_progress=False, reuse_scores=reuse, **extra)
+    if reuse:  # the map of these inputs cached by an earlier job
+        ssah_peft.finetune(args.model, str(args.data), out.with_name(out.name + "-warmup"), max_steps=1, **common)
+    start = time.perf_counter()
+    result = ssah_peft.finetune(args.model, str(args.data), out, max_steps=args.steps, **common)
     stages = result.report["stage_seconds"]
     return {"total": time.perf_counter() - start, "training": stages["training"], "stages": stages}
 
@@ -91,6 +95,7 @@ ARMS = {
     "trl_lora": trl_lora,
     "finetune_lora": lambda args, out: job(args, out, "lora", False),
     "finetune_protect": lambda args, out: job(args, out, "protect", False),
+    "finetune_protect_reused": lambda args, out: job(args, out, "protect", False, reuse=True),
     "finetune_protect_eval": lambda args, out: job(args, out, "protect", True),
 }
 

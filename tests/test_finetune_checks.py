@@ -336,3 +336,36 @@ def test_resume_refuses_a_replaced_unit_map(
     assert err.startswith(f"ssah-peft: error: {out / 'unitmap.safetensors'} is not the unit map this run was trained")
     assert f"than {out / 'checkpoints' / 'checkpoint-4'} holds (was it replaced?)" in err
     assert snapshot(out) == before
+
+
+def test_a_scored_map_is_reused_for_the_same_inputs_and_scored_again_otherwise(
+    tmp_path, checkpoint, train_file, private_cache, monkeypatch, capsys
+):
+    from ssah_peft.finetuning import job
+
+    scored = []
+    score = job.unit_map_from_calibration
+    monkeypatch.setattr(job, "unit_map_from_calibration", lambda *a, **k: scored.append(1) or score(*a, **k))
+    options = dict(LIBRARY_FAST, max_steps=1, evaluate=False)
+    cache = private_cache / "unit_maps"
+    before = set(cache.glob("*.safetensors")) if cache.is_dir() else set()
+
+    def run(name: str, **changes) -> bytes:
+        ssah_peft.finetune(str(checkpoint), str(train_file), tmp_path / name, **{**options, **changes})
+        return (tmp_path / name / "unitmap.safetensors").read_bytes()
+
+    first = run("a")
+    (kept,) = set(cache.glob("*.safetensors")) - before
+    assert len(scored) == 1 and kept.read_bytes() == first
+    capsys.readouterr()
+    assert run("b") == first and len(scored) == 1  # the same weights, data and settings: not scored again
+    assert (
+        f"Reusing the unit map scored earlier for these weights, data and settings: {kept}" in capsys.readouterr().out
+    )
+    assert run("c", reuse_scores=False) == first and len(scored) == 2  # --rescore
+    kept.write_bytes(b"not a map")  # a damaged cache file is never trusted: scored again and replaced
+    assert run("d") == first and len(scored) == 3 and kept.read_bytes() == first
+    run("e", calibration_samples=6)  # other calibration data: another map
+    assert len(scored) == 4 and len(set(cache.glob("*.safetensors")) - before) == 2
+    settings = json.loads((tmp_path / "c" / "settings.json").read_text())
+    assert "reuse_scores" not in settings  # the same adapter either way: not pinned

@@ -35,6 +35,7 @@ from ..unit_map import (
     CalibrationSet,
     CalibrationSettings,
     UnitMap,
+    calibration_key,
     counts_per_block,
     unit_map_from_calibration,
     unit_widths,
@@ -242,7 +243,7 @@ class FinetuneJob:
             steps=trainer.state.global_step,
             train_seconds=seconds,
             wall_seconds=time.perf_counter() - start,
-            stage_seconds={name: round(value, 2) for name, value in stages.items() if value > 0},
+            stage_seconds={name: round(value, 2) for name, value in stages.items() if round(value, 2) > 0},
             before=before,
             after=after,
             control=control,
@@ -266,15 +267,21 @@ class FinetuneJob:
             chat_template_name="given" if o.chat_template else "tokenizer",
         )
         model_source = {"model": o.model, "dtype": o.dtype, "load_in_4bit": o.load_in_4bit}
-        return unit_map_from_calibration(
-            self.model,
-            self.tokenizer,
-            safety,
-            utility,
-            settings,
-            model_source=model_source,
-            show_progress=o.show_progress,
-        )
+        inputs = (self.model, self.tokenizer, safety, utility, settings)
+        cached = None
+        if o.reuse_scores:
+            from ..models import cache_dir
+
+            cached = cache_dir() / "unit_maps" / f"{calibration_key(*inputs, model_source=model_source)}.safetensors"
+            reused = _reusable_map(cached, self.model)
+            if reused is not None:
+                print(f"Reusing the unit map scored earlier for these weights, data and settings: {cached}")
+                return reused
+        unit_map = unit_map_from_calibration(*inputs, model_source=model_source, show_progress=o.show_progress)
+        if cached is not None and int(os.environ.get("RANK", "0")) == 0:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            unit_map.save(cached)
+        return unit_map
 
     def evaluate_adapter(self, stage: str, model: Any) -> dict[str, Any]:
         """The evaluation of a trained ``model`` (not cached: each run measures its own adapter). Generation through
@@ -417,6 +424,19 @@ def check_something_trains(method: Method, unit_map: UnitMap) -> None:
         )
     if not method.freezes_units and not any(counts.values()):
         raise RunRefused(f"the unit map has no {method.units.name} units: nothing would be trained; select other types")
+
+
+def _reusable_map(path: Path, model: Any) -> Optional[UnitMap]:
+    """The cached map at ``path`` if there is one that loads and fits ``model``; None otherwise (it is scored
+    again and replaced: a cache file is never trusted over the model)."""
+    if not path.is_file():
+        return None
+    try:
+        unit_map = UnitMap.load(path)
+        unit_map.check_model(model)
+    except (ValueError, OSError):
+        return None
+    return unit_map
 
 
 @contextlib.contextmanager

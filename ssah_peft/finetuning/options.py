@@ -126,6 +126,14 @@ class FinetuneOptions:
             "e.g. the base model of an instruct --model), on purpose"
         },
     )
+    reuse_scores: bool = field(
+        default=True,
+        metadata={
+            "help": "reuse the unit map an earlier job on this machine scored for the same weights, calibration "
+            "data and settings (kept in the cache folder, $SSAH_PEFT_CACHE/unit_maps)",
+            "negation": ("--rescore", "score the model again even when a map of the same inputs is cached"),
+        },
+    )
     unit_types: Optional[tuple[str, ...]] = field(
         default=None,
         metadata={
@@ -321,6 +329,8 @@ class FinetuneOptions:
         """The options that decide the trained adapter: a run directory holds one run of these."""
         settings = asdict(self)
         for name in ("out", "resume", "show_progress", "command", "device_map", "save_steps", "allow_other_weights"):
+            settings.pop(name)
+        for name in ("reuse_scores",):  # the same map either way
             settings.pop(name)
         for name in ("eval_data", "safety_eval_data", "eval_limit", "max_new_tokens", "gradient_checkpointing"):
             settings.pop(name)  # evaluation and memory options: they do not change the adapter

@@ -177,6 +177,39 @@ def calibration_statistics(
     }
 
 
+def calibration_key(
+    model: nn.Module,
+    tokenizer: Any,
+    safety: CalibrationSet,
+    utility: CalibrationSet,
+    settings: CalibrationSettings = CalibrationSettings(),
+    *,
+    classification: Optional[Mapping[str, Any]] = None,
+    model_source: Optional[Mapping[str, Any]] = None,
+) -> str:
+    """sha256 (hex) of everything :func:`unit_map_from_calibration` makes its map of: the model's fingerprint (shapes
+    and a sample of its weights, as a map's check reads them), the tokenizer's vocabulary size and chat template,
+    both sets' metadata (their data's sha256), the settings and the classification. Two calls with one key make the
+    same map, so a map scored once can be reused (``ssah-peft finetune`` keeps them by this key)."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from .._version import __version__
+    from ..fingerprint import model_fingerprint
+
+    facts = {
+        "ssah_peft": __version__,
+        "fingerprint": model_fingerprint(model),
+        "vocabulary": len(tokenizer),
+        "chat_template": settings.chat_template or getattr(tokenizer, "chat_template", None),
+        "settings": asdict(settings),
+        "sets": [calibration_metadata(data, settings, model_source) for data in (safety, utility)],
+        "classification": dict(classification or {}),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
 def unit_map_from_calibration(
     model: nn.Module,
     tokenizer: Any,
