@@ -14,7 +14,7 @@ from helpers import tiny_chat_llama, tiny_model, tiny_tokenizer
 
 from ssah_peft import UnitMap, UnitScores, resolve_architecture
 from ssah_peft.experiments import DemoConfig
-from ssah_peft.experiments.chooser_maps import UNIT_MAPS, UnitMaps, map_key, one_score_map
+from ssah_peft.experiments.chooser_maps import UNIT_MAPS, UnitMaps, map_key
 from ssah_peft.experiments.choosers import CHOOSERS, Chooser, chooser_named
 from ssah_peft.experiments.frontier import (
     ALL_CHOOSERS,
@@ -29,6 +29,7 @@ from ssah_peft.experiments.methods import UnitSelector, random_draw
 from ssah_peft.scoring import model_fingerprint
 from ssah_peft.scoring.attribution import alignment_delta_scores
 from ssah_peft.unit_map import choose_units, counts_per_block, unit_widths
+from ssah_peft.unit_map.attributed import one_score_map
 from ssah_peft.units import unit_slices
 
 MODEL = tiny_model("llama", num_layers=3)
@@ -54,7 +55,7 @@ def maps() -> dict[str, UnitMap]:
         if source.scorer in ("variance", "wanda", "snip"):
             made[map_key(name, "task")] = UnitMap.from_scores(safety, random_scores(source.scorer, 2 * i + 1))
         else:
-            made[map_key(name, "task")] = one_score_map(safety, config)
+            made[map_key(name, "task")] = one_score_map(safety, **config.unit_fractions)
     return made
 
 

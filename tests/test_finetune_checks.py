@@ -339,16 +339,18 @@ def test_resume_refuses_a_replaced_unit_map(
 
 
 def test_a_scored_map_is_reused_for_the_same_inputs_and_scored_again_otherwise(
-    tmp_path, checkpoint, train_file, private_cache, monkeypatch, capsys
+    tmp_path, checkpoint, train_file, monkeypatch, capsys
 ):
     from ssah_peft.finetuning import job
+    from ssah_peft.models import CACHE_ENV
 
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # empty: earlier tests' jobs cached maps of these inputs
     scored = []
     score = job.unit_map_from_calibration
     monkeypatch.setattr(job, "unit_map_from_calibration", lambda *a, **k: scored.append(1) or score(*a, **k))
     options = dict(LIBRARY_FAST, max_steps=1, evaluate=False)
-    cache = private_cache / "unit_maps"
-    before = set(cache.glob("*.safetensors")) if cache.is_dir() else set()
+    cache = tmp_path / "cache" / "unit_maps"
+    before: set[Path] = set()
 
     def run(name: str, **changes) -> bytes:
         ssah_peft.finetune(str(checkpoint), str(train_file), tmp_path / name, **{**options, **changes})

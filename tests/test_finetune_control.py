@@ -28,6 +28,7 @@ from ssah_peft.unit_map import choose_units, counts_per_block, unit_widths
 from ssah_peft.units import union_units
 
 FAST = ["--calibration-samples", "8", "--max-length", "64", "--max-steps", "3", "--save-steps", "2", "--no-progress"]
+LIBRARY_FAST = dict(calibration_samples=8, max_length=64, max_steps=3, save_steps=2, show_progress=False)
 
 
 def refuse_loading(*args, **kwargs):
@@ -132,8 +133,15 @@ def test_resume_skips_a_finished_control_and_retrains_a_missing_one_to_the_same_
         (dict(control="shuffled"), "control: must be one of random, got 'shuffled'"),
         (dict(control="random", mode="lora"), "mode 'lora' trains every unit: it has no chosen units to compare"),
         (dict(chooser="snip"), "chooser 'snip' needs a budget: the share of all units it chooses"),
-        (dict(budget=0.1), "budget is for a chooser by score (snip, wanda, variance)"),
-        (dict(chooser="ssah", budget=0.1), "chooser: must be one of types, snip, wanda, variance, got 'ssah'"),
+        (dict(budget=0.1), "budget is for a chooser by score (snip, wanda, variance, margin_grad, conflict)"),
+        (
+            dict(chooser="ssah", budget=0.1),
+            "chooser: must be one of types, snip, wanda, variance, margin_grad, conflict, got 'ssah'",
+        ),
+        (
+            dict(chooser="conflict", budget=0.1, load_in_4bit=True),
+            "chooser 'conflict' scores the units by gradients of the weights, which a 4-bit model has not",
+        ),
         (dict(chooser="snip", budget=1.0), "budget: must be a share of the units in (0, 1), got 1.0"),
         (dict(chooser="wanda", budget=0.1, unit_types="SCU"), "it takes no unit types (--protect/--units)"),
         (dict(chooser="wanda", budget=0.1, mode="lora"), "mode 'lora' trains every unit: it takes no chooser"),
@@ -218,6 +226,22 @@ def test_a_chooser_by_score_freezes_its_budget_of_the_ranked_units_and_takes_its
     assert report["settings"]["chooser"] == "snip" and report["settings"]["budget"] == 0.1
     assert report["units_chosen_by"] == "protect 10.0% by snip (global, difference)"
     assert f"units protect 10.0% by snip (global, difference): {report['units']:,})" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("chooser", ["margin_grad", "conflict"])
+def test_an_attribution_chooser_scores_its_map_on_the_users_data_and_freezes_its_budget(
+    tmp_path, checkpoint, train_file, chooser
+):
+    out = tmp_path / "run"
+    result = ssah_peft.finetune(
+        str(checkpoint), str(train_file), out, chooser=chooser, budget=0.1, evaluate=False, **LIBRARY_FAST
+    )
+    unit_map = UnitMap.load(out / "unitmap.safetensors")
+    assert unit_map.calibration["safety"]["method"] == chooser
+    assert unit_map.calibration["safety"]["other"] == str(train_file)  # the user's data: utility prompts or task
+    chosen = adapter_units(out / "adapter")
+    assert chosen == union_units(choose_units(unit_map, 0.1, "protect", rule="difference"))
+    assert result.report["units_chosen_by"] == f"protect 10.0% by {chooser} (global, difference)"
 
 
 def test_a_given_map_of_another_scorer_is_refused_before_the_model_loads(

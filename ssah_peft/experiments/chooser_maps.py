@@ -4,9 +4,8 @@ and how the map is made from the demo's aligned model.
 A :class:`UnitMapSource` names a map and the scorer its calibration records (what a chooser's
 :class:`~.methods.UnitSelector` checks the map against), and makes the map; :data:`UNIT_MAPS` holds them by name.
 Maps of two scores (variance, Wanda, SNIP) are classified from safety and utility scores as the demo's are; the
-attribution scores of :mod:`ssah_peft.scoring.attribution` give one score per unit, kept as a map whose utility
-scores are zero (:func:`one_score_map`), so that ``choose_units(rule="difference")`` ranks units by the score and
-every chooser takes its budget by the same rule. ``conflict`` is computed from the fine-tuning data, so it has a
+attribution scores give one score per unit, made into maps by :mod:`ssah_peft.unit_map.attributed` as
+``ssah-peft finetune`` makes them. ``conflict`` is computed from the fine-tuning data, so it has a
 map per attack (:attr:`UnitMapSource.per_attack`).
 
 :class:`UnitMaps` makes the maps a sweep needs, each once, caching every scored map as a unit-map file.
@@ -15,7 +14,7 @@ map per attack (:attr:`UnitMapSource.per_attack`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,15 +22,10 @@ import torch
 
 from ..analysis.scan import reclassified
 from ..data import load_builtin
-from ..evaluate.margin import margin_inputs, refusal_margin_terms
-from ..scoring import TokenSelection, UnitScores, build_calibration_batches
-from ..scoring.attribution import (
-    alignment_delta_scores,
-    conflict_scores,
-    margin_attribution_scores,
-    refusal_direction_scores,
-)
+from ..scoring import TokenSelection
+from ..scoring.attribution import alignment_delta_scores
 from ..unit_map import UnitMap
+from ..unit_map.attributed import conflict_map, margin_grad_map, one_score_map, refusal_direction_map
 from .caching import cached_artifact
 from .config import DemoConfig
 from .data import attack_records, spread
@@ -113,72 +107,50 @@ def standardized(unit_map: UnitMap) -> UnitMap:
     return reclassified(unit_map, standardize=True)
 
 
-def one_score_map(scores: UnitScores, config: DemoConfig) -> UnitMap:
-    """A unit map ranking units by one score: ``scores`` as I_S, zero as I_U, so that D = I_S − I_U is the score
-    (the types are classified as any map's, at ``config``'s fractions, but no chooser of one score reads them)."""
-    zero = {kind: tuple(torch.zeros_like(t) for t in per_layer) for kind, per_layer in scores.scores.items()}
-    utility = replace(scores, scores=zero, metadata={"note": "zero: the map ranks units by one score"})
-    return UnitMap.from_scores(
-        scores, utility, **config.unit_fractions, composite_fraction=config.top_composite_fraction
-    )
+def _fractions(config: DemoConfig) -> dict[str, Any]:
+    """How the demo classifies a map of one score (:func:`~ssah_peft.unit_map.attributed.one_score_map`)."""
+    return {**config.unit_fractions, "composite_fraction": config.top_composite_fraction}
 
 
 def _calibration_prompts(maps: UnitMaps, name: str) -> list[dict[str, Any]]:
     return spread(load_builtin(name), maps.config.calibration_pairs)
 
 
-def _refusal_direction(maps: UnitMaps, attack: str) -> UnitMap:
-    model, tokenizer = maps.load_aligned()
-    batches = [
-        build_calibration_batches(tokenizer, _calibration_prompts(maps, name), tokens="prompt")
-        for name in ("safety_calibration", "utility_calibration")
-    ]
-    metadata = {"harmful": "safety_calibration", "harmless": "utility_calibration"}
-    scores = refusal_direction_scores(model, *batches, show_progress_bar=maps.config.show_progress, metadata=metadata)
-    return one_score_map(scores, maps.config)
-
-
 def _alignment_delta(maps: UnitMaps, attack: str) -> UnitMap:
     scores = alignment_delta_scores(maps.load_aligned()[0], maps.base()[0], metadata={"base": maps.config.model})
-    return one_score_map(scores, maps.config)
+    return one_score_map(scores, **_fractions(maps.config))
 
 
-def _margin_batches(tokenizer: Any, records: Sequence[dict[str, Any]], batch_size: int = 8) -> list[Any]:
-    return margin_inputs(tokenizer, [record["prompt"] for record in records], batch_size=batch_size)
+def _on_calibration_sets(make: Callable[..., UnitMap], other: str) -> Callable[[UnitMaps, str], UnitMap]:
+    """The recipe of a map of one attribution score ``make`` (:data:`~ssah_peft.unit_map.attributed.ATTRIBUTION_MAPS`)
+    of the aligned model on the harmful and the utility calibration prompts, the latter recorded as ``other``."""
 
+    def derive(maps: UnitMaps, attack: str) -> UnitMap:
+        return make(
+            *maps.load_aligned(),
+            _calibration_prompts(maps, "safety_calibration"),
+            _calibration_prompts(maps, "utility_calibration"),
+            show_progress=maps.config.show_progress,
+            metadata={"harmful": "safety_calibration", other: "utility_calibration"},
+            classification=_fractions(maps.config),
+        )
 
-def _margin_grad(maps: UnitMaps, attack: str) -> UnitMap:
-    model, tokenizer = maps.load_aligned()
-    harmful, utility = (  # one prompt per batch: each prompt's backward then runs through its own rows only
-        _margin_batches(tokenizer, _calibration_prompts(maps, name), batch_size=1)
-        for name in ("safety_calibration", "utility_calibration")
-    )
-    scores = margin_attribution_scores(
-        model,
-        harmful,
-        utility,
-        refusal_margin_terms,
-        show_progress_bar=maps.config.show_progress,
-        metadata={"harmful": "safety_calibration", "utility": "utility_calibration"},
-    )
-    return one_score_map(scores, maps.config)
+    return derive
 
 
 def _conflict(maps: UnitMaps, attack: str) -> UnitMap:
     """From a sample of the attack's own training records (as many as the calibration pairs) and the harmful
-    calibration prompts; records with a system turn (the identity shift) are batched per system turn."""
-    model, tokenizer = maps.load_aligned()
+    calibration prompts."""
     sample = spread(attack_records(attack, maps.config), maps.config.calibration_pairs)
-    task = []
-    for system in dict.fromkeys(record.get("system") for record in sample):
-        pairs = [record for record in sample if record.get("system") == system]
-        task += build_calibration_batches(tokenizer, pairs, max_length=maps.config.max_length, system_prompt=system)
-    harmful = _margin_batches(tokenizer, _calibration_prompts(maps, "safety_calibration"))
-    metadata = {"task": attack, "task_records": len(sample), "harmful": "safety_calibration"}
-    scores = conflict_scores(
-        model, task, harmful, refusal_margin_terms, show_progress_bar=maps.config.show_progress, metadata=metadata
+    return conflict_map(
+        *maps.load_aligned(),
+        _calibration_prompts(maps, "safety_calibration"),
+        sample,
+        max_length=maps.config.max_length,
+        show_progress=maps.config.show_progress,
+        metadata={"task": attack, "task_records": len(sample), "harmful": "safety_calibration"},
+        classification=_fractions(maps.config),
     )
-    return one_score_map(scores, maps.config)
 
 
 def _sources(*sources: UnitMapSource) -> dict[str, UnitMapSource]:
@@ -194,9 +166,11 @@ UNIT_MAPS: dict[str, UnitMapSource] = _sources(
     UnitMapSource("variance_prompt", "variance", tokens="prompt"),
     UnitMapSource("wanda", "wanda"),
     UnitMapSource("snip", "snip"),
-    UnitMapSource("refusal_direction", "refusal_direction", derive=_refusal_direction),
+    UnitMapSource(
+        "refusal_direction", "refusal_direction", derive=_on_calibration_sets(refusal_direction_map, "harmless")
+    ),
     UnitMapSource("alignment_delta", "alignment_delta", derive=_alignment_delta),
-    UnitMapSource("margin_grad", "margin_grad", derive=_margin_grad),
+    UnitMapSource("margin_grad", "margin_grad", derive=_on_calibration_sets(margin_grad_map, "utility")),
     UnitMapSource("conflict", "conflict", derive=_conflict, per_attack=True),
 )
 

@@ -40,6 +40,7 @@ from ..unit_map import (
     unit_map_from_calibration,
     unit_widths,
 )
+from ..unit_map.attributed import ATTRIBUTION_MAPS
 from .checkpoints import check_checkpoint_units, resume_checkpoint, save_adapter
 from .control import train_control
 from .data import Examples, TrainingSet, read_examples, read_prompts, training_set
@@ -253,7 +254,10 @@ class FinetuneJob:
     def _score(self) -> UnitMap:
         """The map of the model on the safety and utility calibration samples (spread over each set), at least
         512 tokens long, as ``ssah-peft score``: a short training ``max_length`` must not cut the responses away;
-        scored by the scorer the method chooses from (``chooser``)."""
+        scored by the scorer the method chooses from (``chooser``): a map of one attribution score
+        (:data:`~ssah_peft.unit_map.attributed.ATTRIBUTION_MAPS`) reads the safety sample's prompts and, for
+        ``margin_grad``, the utility sample's prompts; for ``conflict`` the utility sample is the task (by default a
+        sample of the training data)."""
         o = self.options
         sources = (o.safety_data or "safety_calibration", o.utility_data or o.data)
         safety, utility = (
@@ -277,7 +281,19 @@ class FinetuneJob:
             if reused is not None:
                 print(f"Reusing the unit map scored earlier for these weights, data and settings: {cached}")
                 return reused
-        unit_map = unit_map_from_calibration(*inputs, model_source=model_source, show_progress=o.show_progress)
+        if settings.method in ATTRIBUTION_MAPS:  # one score per unit: the user's data is the utility or task side
+            metadata = {"safety": safety.source, "other": utility.source, **model_source}
+            unit_map = ATTRIBUTION_MAPS[settings.method](
+                self.model,
+                self.tokenizer,
+                safety.pairs,
+                utility.pairs,
+                max_length=settings.max_length,
+                show_progress=o.show_progress,
+                metadata=metadata,
+            )
+        else:
+            unit_map = unit_map_from_calibration(*inputs, model_source=model_source, show_progress=o.show_progress)
         if cached is not None and int(os.environ.get("RANK", "0")) == 0:
             cached.parent.mkdir(parents=True, exist_ok=True)
             unit_map.save(cached)

@@ -41,9 +41,19 @@ CONTROLS = ("random",)
 #: How the units are chosen: by unit type (``types``, the default), or a ``budget`` share of all units ranked by the
 #: scores of a scorer, in the order the frontier benchmark ranked that scorer's units
 #: (:func:`ssah_peft.unit_map.choose_units`: SSAH's type order for variance, the safety-minus-utility difference for
-#: the one-score baselines). The frontier found none of them beating random units of the same counts but SNIP,
+#: the one-score baselines and the attribution scores of :mod:`ssah_peft.unit_map.attributed`: ``margin_grad``, the
+#: refusal margin's attribution on harmful minus utility prompts, and ``conflict``, the margin the user's own data's
+#: gradient would take away). The frontier found none of them beating random units of the same counts but SNIP,
 #: marginally, so the default stays the unit types.
-CHOOSER_RULES = {"snip": "difference", "wanda": "difference", "variance": "types"}
+CHOOSER_RULES = {
+    "snip": "difference",
+    "wanda": "difference",
+    "variance": "types",
+    "margin_grad": "difference",
+    "conflict": "difference",
+}
+#: Choosers whose scores are gradients of the weights themselves: they need float weights.
+GRADIENT_CHOOSERS = ("margin_grad", "conflict")
 CHOOSERS = ("types", *CHOOSER_RULES)
 #: Unit types frozen (protect) or trained (select) when none are given.
 DEFAULT_UNIT_TYPES = {"protect": ("SCU", "CU"), "select": ("RU",), "lora": ()}
@@ -146,7 +156,8 @@ class FinetuneOptions:
         default="types",
         metadata={
             "help": "how the units are chosen: by unit type (--protect/--units), or --budget of all units ranked by "
-            "the snip, wanda or variance scores of a map scored now (or --unit-map of that scorer)",
+            "the snip, wanda or variance scores, the refusal margin's attribution (margin_grad) or the margin your "
+            "data's gradient would take away (conflict), of a map scored now (or --unit-map of that scorer)",
             "choices": CHOOSERS,
         },
     )
@@ -280,8 +291,16 @@ class FinetuneOptions:
                 )
             if self.budget is None:
                 raise ValueError(f"chooser {self.chooser!r} needs a budget: the share of all units it chooses")
+            if self.chooser in GRADIENT_CHOOSERS and self.load_in_4bit and self.unit_map is None:
+                raise ValueError(
+                    f"chooser {self.chooser!r} scores the units by gradients of the weights, which a 4-bit model has "
+                    "not: score a map on the float model first (ssah-peft score, or a finetune job without "
+                    "--load-in-4bit) and pass it with --unit-map"
+                )
         elif self.budget is not None:
-            raise ValueError("budget is for a chooser by score (snip, wanda, variance); unit types choose their own")
+            raise ValueError(
+                f"budget is for a chooser by score ({', '.join(CHOOSER_RULES)}); unit types choose their own"
+            )
         if self.mode == "lora" and self.control:
             raise ValueError(
                 "mode 'lora' trains every unit: it has no chosen units to compare with random ones (--control)"
