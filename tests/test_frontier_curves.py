@@ -17,7 +17,9 @@ from ssah_peft.experiments.frontier_curves import (
     cell_runs,
     comparisons,
     curve_run,
+    endpoint_lines,
     margin_asr_agreement,
+    other_success_rate,
     plot_curves,
 )
 
@@ -119,3 +121,22 @@ def test_a_curve_run_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
     again = curve_run(config, lambda: pytest.fail("a cached run must not train"), run, None, sets, path, tmp_path)
     assert again == result
     assert plot_curves([result | {"chooser": "snip", "budget": 0.2}], tmp_path / "curves.png").is_file()
+
+
+def test_the_endpoint_table_counts_only_other_successes_as_possible_compliance() -> None:
+    def ended(chooser: str, asr_flags: list[bool], other: int) -> dict:
+        result = _result(chooser, 0, None, 0.0, np.random.default_rng(1))
+        result["final"] = {
+            "metrics": {"asr": sum(asr_flags) / len(asr_flags), "overrefusal": 0.25},
+            "harmful_flags": asr_flags,
+            "audit": {"n": sum(asr_flags), "counts": {"task_format": sum(asr_flags) - other, "degenerate": 0, "other": other}},
+        }  # fmt: skip
+        return result
+
+    runs = [ended("snip", [True] * 4, other=1), ended("snip", [True, True, False, False], other=0)]
+    assert other_success_rate(runs[0]) == 0.25 and other_success_rate(runs[1]) == 0.0
+    (row,) = endpoint_lines(runs)[2:]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[:5] == ["task", "snip", "20%", "2", "24"]
+    assert cells[5] == "1.000"  # the last point's task loss
+    assert cells[8:] == ["0.750", "0.125", "0.250"]  # ASR, other successes per prompt, over-refusal

@@ -23,7 +23,7 @@ of the replies judged attack successes (:func:`ssah_peft.evaluate.audit_replies`
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -172,11 +172,25 @@ def comparisons(results: Sequence[Mapping[str, Any]], permutations: int = 20000)
     return rows
 
 
-def margin_asr_agreement(results: Sequence[Mapping[str, Any]]) -> Optional[float]:
-    """Spearman correlation across runs of the final mean harmful margin with the generation ASR (a margin that
-    tracks refusals correlates negatively); None with fewer than three runs or where either is constant."""
+def final_asr(result: Mapping[str, Any]) -> float:
+    """The generation ASR at the end of a run."""
+    return result["final"]["metrics"]["asr"]
+
+
+def other_success_rate(result: Mapping[str, Any]) -> float:
+    """The share of harmful prompts whose reply was judged an attack success and is neither in the task's format
+    nor degenerate (:func:`ssah_peft.evaluate.audit_replies`): the successes that may be compliance."""
+    return result["final"]["audit"]["counts"]["other"] / len(result["final"]["harmful_flags"])
+
+
+def margin_asr_agreement(
+    results: Sequence[Mapping[str, Any]], rate: Callable[[Mapping[str, Any]], float] = final_asr
+) -> Optional[float]:
+    """Spearman correlation across runs of the final mean harmful margin with ``rate`` (default the generation
+    ASR; a margin that tracks refusals correlates negatively); None with fewer than three runs or where either is
+    constant."""
     margins = [r["curve"][-1]["harmful_margin"] for r in results]
-    rates = [r["final"]["metrics"]["asr"] for r in results]
+    rates = [rate(r) for r in results]
     if len(results) < 3 or len(set(margins)) < 2 or len(set(rates)) < 2:
         return None
     return spearman_correlation(margins, rates)
@@ -267,6 +281,33 @@ def curve_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def endpoint_lines(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each arm's end of run (its last curve point and the generation rates after it), means over its runs: a
+    reading at one step count, so an arm that learned less shows a higher task loss beside its rates. "Other
+    successes" are the replies judged attack successes that are neither task-format nor degenerate (the audit), per
+    harmful prompt."""
+    arms: dict[tuple[str, str, float], list[Mapping[str, Any]]] = {}
+    for result in results:
+        arms.setdefault((result["attack"], result["chooser"], result["budget"]), []).append(result)
+    lines = [
+        "| attack | arm | frozen | runs | steps | task loss | harmful margin | selectivity | ASR | other successes | "
+        "over-refusal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (attack, chooser, budget), runs in sorted(arms.items()):
+        last = [r["curve"][-1] for r in runs]
+        metrics = [r["final"]["metrics"] for r in runs]
+        other = [other_success_rate(r) for r in runs]
+        lines.append(
+            f"| {attack} | {chooser} | {budget * 100:g}% | {len(runs)} | {last[0]['step']} | "
+            f"{np.mean([p[loss_key(attack)] for p in last]):.3f} | "
+            f"{np.mean([p['harmful_margin'] for p in last]):+.2f} | {np.mean([p['selectivity'] for p in last]):+.2f} | "
+            f"{np.mean([m['asr'] for m in metrics]):.3f} | "
+            f"{np.mean(other):.3f} | {np.mean([m['overrefusal'] for m in metrics]):.3f} |"
+        )
+    return lines
+
+
 def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The summary's tables: the comparisons at matched task loss (``rows`` of :func:`comparisons`), the agreement
     of the margin with the generation ASR, the audit of attack successes, and what each measure cost per run."""
@@ -282,12 +323,14 @@ def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
             f"{row['control_mean']:+.3f} ({row['control_runs']}) | {row['difference']:+.3f} | {row['p']:.4f} | "
             f"{row['p_holm']:.4f} |"
         )
-    agreement = margin_asr_agreement(results)
-    lines += [
-        "",
-        f"Spearman correlation of the final mean harmful margin with the generation ASR over {len(results)} runs: "
-        + (f"{agreement:+.3f}." if agreement is not None else "undefined (fewer than three runs, or a constant)."),
-    ]
+    lines += ["", *endpoint_lines(results)]
+    lines.append("")
+    for name, rate in (("the generation ASR", final_asr), ("the other successes' rate", other_success_rate)):
+        agreement = margin_asr_agreement(results, rate)
+        lines.append(
+            f"Spearman correlation of the final mean harmful margin with {name} over {len(results)} runs: "
+            + (f"{agreement:+.3f}." if agreement is not None else "undefined (fewer than three runs, or a constant).")
+        )
     successes = sum(r["final"]["audit"]["n"] for r in results)
     if successes:
         shares = {
@@ -304,7 +347,7 @@ def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
         for point in result["curve"]:
             for measure, seconds in point.get("seconds", {}).items():
                 costs.setdefault(measure, []).append(seconds)
-        costs.setdefault("training (whole run)", []).append(result["train_seconds"])
+        costs.setdefault("training with its curve points (whole run)", []).append(result["train_seconds"])
         costs.setdefault("generation rates (end of run)", []).append(result["final"]["eval_seconds"])
     lines += ["", "| cost per run point | mean seconds |", "| --- | --- |"]
     lines += [f"| {measure} | {np.mean(values):.1f} |" for measure, values in costs.items()]
