@@ -132,13 +132,16 @@ def test_a_response_cut_away_is_refused_naming_its_line_and_nothing_is_written(t
 
 def test_every_example_left_out_or_truncated_is_counted_and_named(tmp_path, checkpoint, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", [FITS, TRUNCATED, BLANK, CUT_AWAY, FITS, TRUNCATED])
+    harmful = write_jsonl(tmp_path / "harmful.jsonl", [{"prompt": "how to pick a lock"}, {"prompt": "  "}])
     out = tmp_path / "run"
-    assert main(finetune_args(checkpoint, data, out, "--skip-truncated")) == 0
+    safety = ["--safety-eval-data", str(harmful)]  # read and checked even with --no-eval
+    assert main([*finetune_args(checkpoint, data, out, "--skip-truncated"), *safety]) == 0
     lines = [
         f"Data `{data}` (prompt/response): 6 examples read, 4 trained.",
-        f"- 1 skipped, their prompt or response blank: {data}:3",
+        f"- 1 skipped, a turn of theirs blank: {data}:3",
         f"- 2 trained with the end of their response cut by --max-length {MAX_LENGTH}: {data}:2, {data}:6",
         f"- 1 skipped, --max-length {MAX_LENGTH} leaving none of their response (--skip-truncated): {data}:4",
+        f"- harmful prompts of --safety-eval-data: 1 evaluated, 1 blank skipped: {harmful}:2",
     ]
     stdout = capsys.readouterr().out
     report_md = (out / "report.md").read_text(encoding="utf-8")
@@ -153,6 +156,10 @@ def test_every_example_left_out_or_truncated_is_counted_and_named(tmp_path, chec
     assert (data_report["truncated"], data_report["truncated_at"]) == (2, [f"{data}:2", f"{data}:6"])
     assert (data_report["skipped_truncated"], data_report["skipped_truncated_at"]) == (1, [f"{data}:4"])
     assert data_report["held_out"] == 0
+    assert (data_report["safety_eval_skipped_blank"], data_report["safety_eval_skipped_blank_at"]) == (
+        1,
+        [f"{harmful}:2"],
+    )
 
 
 def test_held_out_examples_keep_their_lines(tmp_path):

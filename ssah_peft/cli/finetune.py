@@ -110,7 +110,9 @@ def run_finetune_command(args: argparse.Namespace, parser: argparse.ArgumentPars
             command=command_line(args, parser),
         )
         job = FinetuneJob.prepare(options)
-    print("\n".join(data_lines(data_facts(options, job.train, job.training))), flush=True)  # before the long work
+    print(
+        "\n".join(data_lines(data_facts(options, job.train, job.training, job.harmful))), flush=True
+    )  # before the long work
     try:
         result = job.run()
     except RunRefused as error:  # the run folder in use, or a scored map that leaves nothing to train

@@ -52,7 +52,7 @@ class Examples:
     """``{"prompt", "response"}`` and, where the data had them, ``"system"`` and a conversation's earlier turns
     (``"history"``)."""
     shape: str
-    """``"prompt/response"`` or ``"chat"``."""
+    """``"prompt/response"`` or ``"chat"`` (``"prompts"``: prompts alone, :func:`read_prompts`)."""
     blank: list[str] = field(default_factory=list)
     """Where (``path:line``, ``path[row]``) each record left out because its prompt or response was blank was."""
     columns: list[str] = field(default_factory=list)
@@ -300,22 +300,26 @@ def listing(locations: Sequence[str], shown: int = SHOWN) -> str:
     return ", ".join(locations[:shown]) + (f" and {more} more" if more > 0 else "")
 
 
-def read_prompts(source: str, column: str = "prompt") -> list[dict[str, str]]:
-    """Prompts (``{"prompt": text}``) of a JSONL/CSV/Parquet file with a ``column`` column, e.g. harmful prompts
-    for the attack success rate; errors as :func:`read_examples`."""
+def read_prompts(source: str, column: str = "prompt") -> Examples:
+    """The prompts (records ``{"prompt", "category"}``, shape ``"prompts"``) of a JSONL/CSV/Parquet file with a
+    ``column`` column, e.g. harmful prompts for the attack success rate; blank prompts are left out and listed
+    (:attr:`Examples.blank`); errors as :func:`read_examples`."""
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {source} does not exist")
     rows = _read_file(path)
-    prompts = []
+    prompts, locations, blank = [], [], []
     for where, row in rows:
         if not isinstance(row, Mapping) or column not in row:
             found = ", ".join(map(repr, row)) if isinstance(row, Mapping) else type(row).__name__
             raise ValueError(f"{where}: no {column!r} field (found: {found})")
         if not isinstance(row[column], str):
             raise ValueError(f"{where}: {column!r} is not text ({row[column]!r})")
-        if row[column].strip():
-            prompts.append({"prompt": row[column], "category": str(row.get("category") or "")})
+        if not row[column].strip():
+            blank.append(where)
+            continue
+        prompts.append({"prompt": row[column], "category": str(row.get("category") or "")})
+        locations.append(where)
     if not prompts:
         raise ValueError(f"prompt file {source} holds no non-blank prompts")
-    return prompts
+    return Examples(str(source), prompts, "prompts", blank, [column], locations)

@@ -87,7 +87,8 @@ class FinetuneJob:
     training: TrainingSet
     eval_records: list[dict[str, str]]
     """Records whose perplexity is measured before and after."""
-    harmful: Optional[list[dict[str, Any]]]
+    harmful: Optional[Examples]
+    """The harmful prompts of ``--safety-eval-data`` (None: the built-in ones)."""
     """Harmful prompts of the ASR; None: the built-in held-out set."""
     safety: list[dict[str, str]]
     utility: list[dict[str, str]]
@@ -237,6 +238,7 @@ class FinetuneJob:
             model=model,
             train=self.train,
             training=self.training,
+            safety_eval=self.harmful,
             eval_examples=len(self.eval_records),
             unit_map=self.unit_map,
             units=method.units_of(self.unit_map) if method.units is not None else None,
@@ -321,7 +323,7 @@ class FinetuneJob:
         result, generations = evaluation(
             model,
             self.tokenizer,
-            harmful=self.harmful,
+            harmful=self.harmful.records if self.harmful is not None else None,
             perplexity_records=self.eval_records,
             limit=o.eval_limit,
             max_new_tokens=o.max_new_tokens,

@@ -78,7 +78,7 @@ def write_report(out: Optional[Path], **facts: Any) -> dict[str, Any]:
         "command": o.command,
         "model": o.model,
         "data": {
-            **data_facts(o, facts["train"], facts["training"]),
+            **data_facts(o, facts["train"], facts["training"], facts.get("safety_eval")),
             "perplexity_on": o.eval_data or ("held-out tenth of the training data" if facts["eval_examples"] else None),
         },
         "method": facts["method"].name,
@@ -113,8 +113,18 @@ def loss_points(log_history: Sequence[Mapping[str, Any]]) -> list[tuple[int, flo
     return [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
 
 
-def data_facts(options: Any, train: Examples, training: TrainingSet) -> dict[str, Any]:
-    """What became of the training data's records: read, left out (where, and why), truncated, trained."""
+def data_facts(
+    options: Any, train: Examples, training: TrainingSet, safety_eval: Optional[Examples] = None
+) -> dict[str, Any]:
+    """What became of the training data's records: read, left out (where, and why), truncated, trained; and of the
+    harmful prompts of ``--safety-eval-data`` (``safety_eval``), which blank ones were left out."""
+    safety = {}
+    if safety_eval is not None:
+        safety = {
+            "safety_eval_prompts": len(safety_eval.records),
+            "safety_eval_skipped_blank": len(safety_eval.blank),
+            "safety_eval_skipped_blank_at": safety_eval.blank,
+        }
     return {
         "train": options.data,
         "shape": train.shape,
@@ -128,6 +138,7 @@ def data_facts(options: Any, train: Examples, training: TrainingSet) -> dict[str
         "skipped_truncated": len(training.skipped),
         "skipped_truncated_at": training.skipped,
         "examples_trained": len(training.dataset),
+        **safety,
     }
 
 
@@ -138,9 +149,7 @@ def data_lines(data: Mapping[str, Any]) -> list[str]:
         f"{data['examples_trained']} trained."
     ]
     if data["skipped_blank"]:
-        lines.append(
-            f"- {data['skipped_blank']} skipped, their prompt or response blank: {listing(data['skipped_blank_at'])}"
-        )
+        lines.append(f"- {data['skipped_blank']} skipped, a turn of theirs blank: {listing(data['skipped_blank_at'])}")
     if data["held_out"]:
         lines.append(f"- {data['held_out']} held out for perplexity")
     length = f"--max-length {data['max_length']}"
@@ -153,6 +162,11 @@ def data_lines(data: Mapping[str, Any]) -> list[str]:
         lines.append(
             f"- {data['skipped_truncated']} skipped, {length} leaving none of their response (--skip-truncated): "
             + listing(data["skipped_truncated_at"])
+        )
+    if data.get("safety_eval_skipped_blank"):
+        lines.append(
+            f"- harmful prompts of --safety-eval-data: {data['safety_eval_prompts']} evaluated, "
+            f"{data['safety_eval_skipped_blank']} blank skipped: {listing(data['safety_eval_skipped_blank_at'])}"
         )
     return lines
 
