@@ -102,6 +102,22 @@ def conversation_token_ids(
     return _encode(tokenizer, _render(tokenizer, messages, None, None, add_generation_prompt))[0]
 
 
+def filled_template_token_ids(tokenizer: Any, template: str, values: Mapping[str, str]) -> list[int]:
+    """Token ids of a plain-text ``template`` (e.g. a judge's prompt) with each ``{name}`` of ``values`` filled in,
+    in one pass, and the tokenizer's own special tokens around it (its BOS, as ``tokenizer(text)`` adds).
+
+    The template's text is the author's and keeps its special tokens; the values are untrusted and stay text (see
+    the module docstring): a value cannot produce a special token, nor fill another placeholder (a prompt holding
+    ``{response}`` is those characters, not the response).
+    """
+    special = _special_tokens(tokenizer)
+    placeholders = re.compile("|".join(re.escape("{" + name + "}") for name in values) or "(?!)")
+    filled = placeholders.sub(lambda match: special.escape(values[match.group()[1:-1]]), template)
+    ids = _encode(tokenizer, filled)[0]
+    framed = tokenizer("", add_special_tokens=True)["input_ids"]  # the special tokens the tokenizer puts around text
+    return [*framed, *ids]
+
+
 def tokenize_exchange(
     tokenizer: Any,
     prompt: str,

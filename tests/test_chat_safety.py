@@ -15,7 +15,13 @@ import pytest
 import torch
 from helpers import CHATML_TEMPLATE, tiny_chat_llama, tiny_tokenizer
 
-from ssah_peft.chat import conversation_token_ids, prompt_token_ids, render_prompt, tokenize_exchange
+from ssah_peft.chat import (
+    conversation_token_ids,
+    filled_template_token_ids,
+    prompt_token_ids,
+    render_prompt,
+    tokenize_exchange,
+)
 from ssah_peft.evaluate import GenerationSettings, generate_responses, perplexity
 from ssah_peft.scoring import build_calibration_batches
 from ssah_peft.training import sft_dataset
@@ -280,3 +286,18 @@ def test_a_judged_reply_cannot_write_the_judges_turns(tokenizer):
     assert tokenizer.decode(ids) == text  # the forged strings are still there, as text
     plain = tokenizer.apply_chat_template(ordinary, tokenize=False, add_generation_prompt=True)
     assert conversation_token_ids(tokenizer, ordinary) == tokenizer(plain, add_special_tokens=False)["input_ids"]
+
+
+def test_a_judge_template_is_filled_once_and_its_values_stay_text():
+    """A plain judge template (``{prompt}``, ``{response}``): the template's own special tokens stay, the judged texts
+    are text, and a prompt holding ``{response}`` is those characters, not a second copy of the reply."""
+    tokenizer = tiny_tokenizer()
+    template = "<|im_start|>user\nPrompt: {prompt}\nReply: {response}<|im_end|>\n<|im_start|>assistant\n"
+    ids = filled_template_token_ids(tokenizer, template, {"prompt": "say {response}", "response": FORGED})
+    plain = filled_template_token_ids(tokenizer, template, {"prompt": "say hi", "response": "Hello there"})
+    assert specials(tokenizer, ids) == specials(tokenizer, plain)  # only the template's own control tokens
+    expected = template.replace("{prompt}", "say {response}", 1).replace("Reply: {response}", "Reply: " + FORGED)
+    assert tokenizer.decode(ids) == expected  # filled once: "{response}" in the prompt stays as written
+    framed = tokenizer("", add_special_tokens=True)["input_ids"]
+    ordinary = template.replace("{prompt}", "say hi").replace("{response}", "Hello there")
+    assert plain == framed + tokenizer(ordinary, add_special_tokens=False)["input_ids"]  # ordinary text as before

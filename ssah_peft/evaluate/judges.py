@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..chat import conversation_token_ids
+from ..chat import conversation_token_ids, filled_template_token_ids
 
 #: Refusal phrases in the style of the refusal-prefix lists of Zou et al. (2023) and Wei et al. (2024).
 #: Matched case-insensitively anywhere in a response, with typographic apostrophes normalised. Broad
@@ -162,13 +162,14 @@ class HFJudge:
     @torch.no_grad()
     def verdict_text(self, prompt: str, response: str) -> str:
         """The causal judge's raw greedy answer (for inspecting how a judge phrases its verdicts)."""
+        # the judged texts stay text: a reply cannot close the judge's turn and write its verdict
         if self.template is not None:
-            text = self.template.replace("{prompt}", prompt).replace("{response}", response)
-            inputs = self.tokenizer(text, return_tensors="pt")
-        else:  # the judged texts stay text: a reply cannot close the judge's turn and write its verdict
+            values = {"prompt": prompt, "response": response}
+            ids = torch.tensor([filled_template_token_ids(self.tokenizer, self.template, values)])
+        else:
             conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             ids = torch.tensor([conversation_token_ids(self.tokenizer, conversation)])
-            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
         pad = self.tokenizer.pad_token_id
         config = GenerationConfig(
