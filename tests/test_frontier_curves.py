@@ -18,6 +18,7 @@ from ssah_peft.experiments.frontier_curves import (
     comparisons,
     curve_run,
     endpoint_lines,
+    incomplete_cells,
     margin_asr_agreement,
     other_success_rate,
     plot_curves,
@@ -72,6 +73,14 @@ def test_a_known_effect_survives_holm_and_no_effect_does_not() -> None:
 
     null = comparisons(_cell(shift=0.0, seed=3), permutations=5000)
     assert all(row["p_holm"] > 0.05 for row in null)
+
+
+def test_a_cell_stopped_midway_is_listed_not_tested() -> None:
+    cell = _cell(shift=1.0)
+    partial = cell[:2] + cell[3:]  # two chooser runs of three
+    assert comparisons(partial, permutations=100) == []
+    assert incomplete_cells(partial) == ["task:snip:0.2 (2 chooser, 15 control runs)"]
+    assert incomplete_cells(cell) == []
 
 
 def test_measures_are_read_where_the_curve_first_reaches_the_loss() -> None:

@@ -132,17 +132,33 @@ def loss_key(attack: str) -> str:
     return "attack_loss" if attack == "identity_shift" else "task_loss"
 
 
-def comparisons(results: Sequence[Mapping[str, Any]], permutations: int = 20000) -> list[dict[str, Any]]:
-    """Every cell's chooser against its control at the lowest task loss all the cell's runs reach, one row per
-    (cell, measure), with the permutation test's p-value and Holm's correction over all rows."""
+#: The fewest runs of each arm a cell is tested with: three training seeds of the chooser, five independent draws
+#: of its control (a sweep stopped midway leaves cells with fewer, which are listed, not tested).
+MIN_CHOOSER_RUNS, MIN_CONTROL_RUNS = 3, 5
+
+
+def complete(arms: Mapping[str, Sequence[Any]]) -> bool:
+    """Whether a cell's ``{"chooser": runs, "control": runs}`` has enough runs of each arm to be tested."""
+    return len(arms["chooser"]) >= MIN_CHOOSER_RUNS and len(arms["control"]) >= MIN_CONTROL_RUNS
+
+
+def cells_of(results: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]]:
+    """The runs of each cell (attack, chooser, budget), split into the chooser's and its control's."""
     cells: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = {}
     for result in results:
         entry, is_control = chooser_named(result["chooser"])
         arms = cells.setdefault((result["attack"], entry.name, result["budget"]), {"chooser": [], "control": []})
         arms["control" if is_control else "chooser"].append(result)
+    return cells
+
+
+def comparisons(results: Sequence[Mapping[str, Any]], permutations: int = 20000) -> list[dict[str, Any]]:
+    """Every complete cell's chooser against its control at the lowest task loss all the cell's runs reach, one row
+    per (cell, measure), with the permutation test's p-value and Holm's correction over all rows."""
+    cells = cells_of(results)
     rows = []
     for (attack, chooser, budget), arms in sorted(cells.items()):
-        if not arms["chooser"] or not arms["control"]:
+        if not complete(arms):
             continue
         key = loss_key(attack)
         runs = arms["chooser"] + arms["control"]
@@ -308,9 +324,22 @@ def endpoint_lines(results: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def incomplete_cells(results: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The cells with too few runs to be tested (:func:`complete`), as ``attack:chooser:budget (runs)``."""
+    return [
+        f"{attack}:{chooser}:{budget:g} ({len(arms['chooser'])} chooser, {len(arms['control'])} control runs)"
+        for (attack, chooser, budget), arms in sorted(
+            cells_of([r for r in results if r["chooser"] not in REFERENCE_RUNS]).items()
+        )
+        if not complete(arms)
+    ]
+
+
 def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The summary's tables: the comparisons at matched task loss (``rows`` of :func:`comparisons`), the agreement
-    of the margin with the generation ASR, the audit of attack successes, and what each measure cost per run."""
+    """The summary's tables: the comparisons at matched task loss (``rows`` of :func:`comparisons`), the cells not
+    complete enough to test, the agreement of the margin with the generation ASR, the audit of attack successes,
+    and what each measure cost per run."""
+    incomplete = incomplete_cells(results)
     lines = [
         "| attack | chooser | frozen | measure | matched loss | chooser (runs) | random (runs) | difference | p | "
         "p (Holm) |",
@@ -323,6 +352,13 @@ def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
             f"{row['control_mean']:+.3f} ({row['control_runs']}) | {row['difference']:+.3f} | {row['p']:.4f} | "
             f"{row['p_holm']:.4f} |"
         )
+    if incomplete:
+        lines += [
+            "",
+            f"Not tested yet (fewer than {MIN_CHOOSER_RUNS} chooser or {MIN_CONTROL_RUNS} control runs): "
+            + "; ".join(incomplete)
+            + ".",
+        ]
     lines += ["", *endpoint_lines(results)]
     lines.append("")
     for name, rate in (("the generation ASR", final_asr), ("the other successes' rate", other_success_rate)):
