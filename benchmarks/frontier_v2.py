@@ -7,6 +7,7 @@ at each seed and its random control at each draw and seed (``ssah_peft.experimen
 
     python benchmarks/frontier_v2.py --cells task:snip:0.2                 # one cell: 3 + 15 runs, LoRA beside
     python benchmarks/frontier_v2.py --cells task:snip:0.2,task:ssah:0.2 --seeds 0,1,2 --draws 0,1,2,3,4
+    python benchmarks/frontier_v2.py --cells task:snip:0.2:protect_out_proj   # matched by frozen parameters
     python benchmarks/frontier_v2.py --report-only
     python benchmarks/frontier_v2.py --quick --demo runs/demo-quick --results /tmp/v2 --checkpoints 1,2   # smoke
 
@@ -52,9 +53,10 @@ def comma_list(kind):
     return parse
 
 
-def cell(text: str) -> tuple[str, str, float]:
-    attack, chooser, budget = text.split(":")
-    return attack, chooser, float(budget)
+def cell(text: str) -> tuple[str, str, float, str]:
+    """``attack:chooser:budget[:setting]`` (setting: protect, or protect_out_proj to match frozen parameters)."""
+    attack, chooser, budget, *setting = text.split(":")
+    return attack, chooser, float(budget), setting[0] if setting else "protect"
 
 
 def sets_of(args, attack: str):
@@ -125,7 +127,12 @@ def main() -> int:
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo run dir with the aligned model")
     parser.add_argument("--out", type=Path, default=Path("runs/frontier_v2"), help="replies and unit maps")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/frontier_v2"))
-    parser.add_argument("--cells", type=comma_list(cell), default=[("task", "snip", 0.2)], help="attack:chooser:budget")
+    parser.add_argument(
+        "--cells",
+        type=comma_list(cell),
+        default=[("task", "snip", 0.2, "protect")],
+        help="attack:chooser:budget[:setting], setting protect (default) or protect_out_proj",
+    )
     parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2])
     parser.add_argument("--draws", type=comma_list(int), default=list(DRAWS))
     parser.add_argument("--checkpoints", type=comma_list(int), default=list(CHECKPOINTS))
@@ -154,9 +161,9 @@ def main() -> int:
     check_run_dir(config)
 
     runs: list[FrontierRun] = []
-    for attack, chooser, budget in args.cells:
+    for attack, chooser, budget, setting in args.cells:
         runs += [FrontierRun(attack, "reference", name, 0.0, seed) for name in args.references for seed in args.seeds]
-        runs += cell_runs(attack, chooser, budget, args.seeds, args.draws)
+        runs += cell_runs(attack, chooser, budget, args.seeds, args.draws, setting)
     runs = list(dict.fromkeys(runs))
     runs.sort(key=lambda run: run.seed)  # whole seeds first: an interrupted sweep has paired runs
 

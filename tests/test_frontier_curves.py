@@ -75,6 +75,16 @@ def test_a_known_effect_survives_holm_and_no_effect_does_not() -> None:
     assert all(row["p_holm"] > 0.05 for row in null)
 
 
+def test_a_cell_matched_by_frozen_parameters_is_a_comparison_of_its_own() -> None:
+    runs = cell_runs("task", "snip", 0.2, seeds=(0,), draws=(0,), setting="protect_out_proj")
+    assert [r.name for r in runs] == ["protect_out_proj-snip-20", "protect_out_proj-random_snip-20-draw0"]
+    matched = [dict(r, setting="protect_out_proj") for r in _cell(shift=0.0, seed=5)]
+    rows = comparisons(_cell(shift=1.0) + matched, permutations=2000)
+    by_arm = {(row["chooser"], row["measure"]): row for row in rows}
+    assert len(rows) == 4 and by_arm[("snip", "harmful_margin")]["p_holm"] < 0.05
+    assert by_arm[("snip (protect_out_proj)", "harmful_margin")]["p_holm"] > 0.05  # not mixed with the other setting
+
+
 def test_a_cell_stopped_midway_is_listed_not_tested() -> None:
     cell = _cell(shift=1.0)
     partial = cell[:2] + cell[3:]  # two chooser runs of three

@@ -58,15 +58,28 @@ MEASURES: tuple[str, ...] = ("harmful_margin", "selectivity")
 
 
 def cell_runs(
-    attack: str, chooser: str, budget: float, seeds: Sequence[int] = (0, 1, 2), draws: Sequence[int] = DRAWS
+    attack: str,
+    chooser: str,
+    budget: float,
+    seeds: Sequence[int] = (0, 1, 2),
+    draws: Sequence[int] = DRAWS,
+    setting: str = "protect",
 ) -> list[FrontierRun]:
-    """The runs of one comparison: ``chooser`` at every seed, then its random control at every draw and seed."""
+    """The runs of one comparison: ``chooser`` at every seed, then its random control at every draw and seed, both
+    frozen in ``setting`` (:data:`.frontier.SETTINGS`; ``protect_out_proj`` freezes as many parameters for a choice
+    as for its control)."""
     entry, is_control = chooser_named(chooser)
     if is_control:
         raise ValueError(f"{chooser!r} is a random control; name the chooser it controls ({entry.name!r})")
-    chosen = [FrontierRun(attack, "protect", entry.name, budget, seed) for seed in seeds]
-    controls = [FrontierRun(attack, "protect", entry.control, budget, seed, draw) for seed in seeds for draw in draws]
+    chosen = [FrontierRun(attack, setting, entry.name, budget, seed) for seed in seeds]
+    controls = [FrontierRun(attack, setting, entry.control, budget, seed, draw) for seed in seeds for draw in draws]
     return chosen + controls
+
+
+def arm_label(chooser: str, result: Mapping[str, Any]) -> str:
+    """``chooser`` as a table or legend names it: with the run's setting when it is not plain ``protect``."""
+    setting = result.get("setting", "protect")  # runs stored before settings were recorded are protect runs
+    return chooser if setting == "protect" else f"{chooser} ({setting})"
 
 
 def curve_run(
@@ -102,6 +115,7 @@ def curve_run(
         "attack": run.attack,
         "chooser": run.chooser,
         "budget": run.budget,
+        "setting": run.setting,
         "seed": run.seed,
         "draw": run.draw,
         "measures": measure_settings(sets),
@@ -147,7 +161,8 @@ def cells_of(results: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, float
     cells: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = {}
     for result in results:
         entry, is_control = chooser_named(result["chooser"])
-        arms = cells.setdefault((result["attack"], entry.name, result["budget"]), {"chooser": [], "control": []})
+        key = (result["attack"], arm_label(entry.name, result), result["budget"])
+        arms = cells.setdefault(key, {"chooser": [], "control": []})
         arms["control" if is_control else "chooser"].append(result)
     return cells
 
@@ -234,7 +249,7 @@ def plot_curves(results: Sequence[Mapping[str, Any]], path: Path, measure: str =
                 axis.plot(xs, ys, color="black", linestyle="--", linewidth=1, label=f"{result['chooser']} (reference)")
                 continue
             entry, is_control = chooser_named(result["chooser"])
-            label = f"{entry.name} {result['budget'] * 100:g}%"
+            label = f"{arm_label(entry.name, result)} {result['budget'] * 100:g}%"
             colour = colours.setdefault(label, f"C{len(colours) % 10}")
             if is_control:
                 axis.plot(xs, ys, color=colour, alpha=0.5, linewidth=1, linestyle=":")
@@ -263,6 +278,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "budget",
     "seed",
     "draw",
+    "setting",
     "step",
     "task_loss",
     "attack_loss",
@@ -283,7 +299,10 @@ def curve_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for result in results:
         for index, point in enumerate(result["curve"]):
             row = {column: result.get(column) for column in ("attack", "chooser", "budget", "seed", "draw")}
-            row.update({column: point.get(column) for column in CSV_COLUMNS[5:11]})
+            row["setting"] = result.get(
+                "setting", "protect" if result["chooser"] not in REFERENCE_RUNS else "reference"
+            )
+            row.update({column: point.get(column) for column in CSV_COLUMNS[6:12]})
             if index == len(result["curve"]) - 1:
                 final = result["final"]
                 shares = final["audit"]["shares"]
@@ -304,7 +323,7 @@ def endpoint_lines(results: Sequence[Mapping[str, Any]]) -> list[str]:
     harmful prompt."""
     arms: dict[tuple[str, str, float], list[Mapping[str, Any]]] = {}
     for result in results:
-        arms.setdefault((result["attack"], result["chooser"], result["budget"]), []).append(result)
+        arms.setdefault((result["attack"], arm_label(result["chooser"], result), result["budget"]), []).append(result)
     lines = [
         "| attack | arm | frozen | runs | steps | task loss | harmful margin | selectivity | ASR | other successes | "
         "over-refusal |",
