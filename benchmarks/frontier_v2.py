@@ -2,8 +2,12 @@
 compared at a matched task loss on training curves, with Holm-corrected permutation tests.
 
 Attacks the demo's aligned model (``make demo`` makes ``runs/demo/align/aligned_model`` and
-``runs/demo/units/unitmap_aligned.safetensors``) in protect mode. A cell is (attack, chooser, budget): the chooser
-at each seed and its random control at each draw and seed (``ssah_peft.experiments.frontier_curves``)::
+``runs/demo/units/unitmap_aligned.safetensors``) in protect mode, or with ``--model`` a model aligned by its makers
+(issue 28: ``--model qwen2.5-coder-1.5b-instruct --results benchmarks/results/scale_qwen1.5b``; every unit map scored
+on it and cached under ``--out``; ``--learning-rate`` sets the attack's rate for every method).
+
+A cell is (attack, chooser, budget): the chooser at each seed and its random control at each draw and seed
+(``ssah_peft.experiments.frontier_curves``)::
 
     python benchmarks/frontier_v2.py --cells task:snip:0.2                 # one cell: 3 + 15 runs, LoRA beside
     python benchmarks/frontier_v2.py --cells task:snip:0.2,task:ssah:0.2 --seeds 0,1,2 --draws 0,1,2,3,4
@@ -125,6 +129,9 @@ def write_summary(args, seconds: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo run dir with the aligned model")
+    parser.add_argument("--model", help="attack this model (embedded name, hub id, folder) instead of the demo's")
+    parser.add_argument("--dtype", default="float32", help="the --model's weights (bfloat16 on CPUs with AVX-512 BF16)")
+    parser.add_argument("--learning-rate", type=float, help="the attack's learning rate for every method")
     parser.add_argument("--out", type=Path, default=Path("runs/frontier_v2"), help="replies and unit maps")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/frontier_v2"))
     parser.add_argument(
@@ -153,10 +160,23 @@ def main() -> int:
     if args.report_only:
         write_summary(args, 0.0)
         return 0
-    missing = missing_demo_outputs(args.demo)
+    missing = [] if args.model else missing_demo_outputs(args.demo)
     if missing:
         parser.error(f"{', '.join(map(str, missing))} missing: run `make demo` first (stages 1-3 make them)")
-    preset = DemoConfig.quick if args.quick else DemoConfig.full
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        parser.error(f"--dtype {args.dtype!r} is not a torch floating-point dtype")
+    if args.learning_rate is not None and not 0 < args.learning_rate < 1:
+        parser.error(f"--learning-rate must be in (0, 1), got {args.learning_rate}")
+    rates = (
+        {}
+        if args.learning_rate is None
+        else {"attack_learning_rates": dict.fromkeys(("full", "lora", "ssah_protect"), args.learning_rate)}
+    )
+
+    def preset(**options):
+        return (DemoConfig.quick if args.quick else DemoConfig.full)(**{**rates, **options})
+
     config = preset(run_dir=args.out, show_progress=False)
     check_run_dir(config)
 
@@ -171,7 +191,7 @@ def main() -> int:
         return args.results / "runs" / run.attack / f"seed{run.seed}" / f"{run.name}.json"
 
     pending = [run for run in runs if not result_path(run).is_file()]
-    maps = sweep_unit_maps(config, args.demo, args.out / "maps", pending, "frontier_v2")
+    maps = sweep_unit_maps(config, args.demo, args.out / "maps", pending, "frontier_v2", args.model, dtype)
     load_aligned = maps.load_aligned
     check_runs(pending, maps.maps)
     starts: dict[str, dict] = {}

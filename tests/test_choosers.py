@@ -14,7 +14,7 @@ from helpers import tiny_chat_llama, tiny_model, tiny_tokenizer
 
 from ssah_peft import UnitMap, UnitScores, resolve_architecture
 from ssah_peft.experiments import DemoConfig
-from ssah_peft.experiments.chooser_maps import UNIT_MAPS, UnitMaps, map_key
+from ssah_peft.experiments.chooser_maps import UNIT_MAPS, UnitMaps, map_key, sweep_unit_maps
 from ssah_peft.experiments.choosers import CHOOSERS, Chooser, chooser_named
 from ssah_peft.experiments.frontier import (
     ALL_CHOOSERS,
@@ -267,3 +267,22 @@ def test_a_chooser_is_paired_with_the_mean_of_its_controls_draws_at_each_seed():
     assert comparison["control"] == "random_snip" and comparison["seeds"] == 2 and comparison["seeds_lower_asr"] == 2
     # per seed: snip's hits minus the mean of the three draws' (20 + seed, 22 + seed, 24 + seed)
     assert comparison["asr_difference"] == pytest.approx(((10 - 22) / 36, 0.0))
+
+
+def test_a_sweep_of_a_given_model_scores_every_map_on_it(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tiny_chat_llama(tokenizer, intermediate_size=64)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = DemoConfig.quick(tmp_path, calibration_pairs=4, max_length=512, show_progress=False)
+    runs = [
+        FrontierRun("task", "protect", "random", 0.2, 0, draw=0),
+        FrontierRun("task", "protect", "snip", 0.2, 0),
+    ]
+    maps = sweep_unit_maps(config, None, tmp_path / "maps", runs, "test", model=str(tmp_path / "model"))
+    assert set(maps.maps) == {"variance", "snip"}  # made now: no demo map to reuse
+    assert maps.maps["snip"].fingerprint == UnitMap.load(next((tmp_path / "maps").glob("*snip*"))).fingerprint
+    with pytest.raises(ValueError, match="give load_base"):
+        maps.get("alignment_delta", "task")  # a model aligned by its makers has no base in the sweep
+    with pytest.raises(ValueError, match="neither was given"):
+        sweep_unit_maps(config, None, tmp_path / "maps", runs, "test")

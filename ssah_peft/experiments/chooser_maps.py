@@ -186,31 +186,48 @@ def missing_demo_outputs(demo_dir: Path) -> list[Path]:
     return [path for path in needed if not path.is_file()]
 
 
-def sweep_unit_maps(config: DemoConfig, demo_dir: Path, cache_dir: Path, runs: Sequence[Any], name: str) -> UnitMaps:
-    """The unit maps a frontier sweep's ``runs`` choose from: the demo's own variance map, every other one made now
-    (and cached in ``cache_dir``), so that a run whose map cannot be made fails before any run trains. ``name``
-    prefixes the progress lines."""
+def sweep_unit_maps(
+    config: DemoConfig,
+    demo_dir: Optional[Path],
+    cache_dir: Path,
+    runs: Sequence[Any],
+    name: str,
+    model: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
+) -> UnitMaps:
+    """The unit maps a frontier sweep's ``runs`` choose from, every one made now (and cached in ``cache_dir``), so
+    that a run whose map cannot be made fails before any run trains. ``name`` prefixes the progress lines.
+
+    The model attacked is the demo's aligned model in ``demo_dir`` (its own variance map reused), or, given
+    ``model``, a model aligned by its makers (:func:`ssah_peft.models.load`: an embedded name, a hub id or a folder,
+    in ``dtype``), every map scored on it; it has no base model, so ``alignment_delta`` is not available for it.
+    """
     import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..models import load
 
-    aligned = demo_dir / DEMO_ALIGNED_MODEL
+    if model is not None:
+        maps = UnitMaps(config, lambda: load(model, dtype=dtype), None, cache_dir)
+    else:
+        if demo_dir is None:
+            raise ValueError("a sweep attacks the demo's aligned model (demo_dir) or a given model; neither was given")
+        aligned = demo_dir / DEMO_ALIGNED_MODEL
 
-    def load_aligned() -> tuple[Any, Any]:
-        model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
-        return model, AutoTokenizer.from_pretrained(aligned)
+        def load_aligned() -> tuple[Any, Any]:
+            model = AutoModelForCausalLM.from_pretrained(aligned, dtype=torch.float32)
+            return model, AutoTokenizer.from_pretrained(aligned)
 
-    maps = UnitMaps(
-        config,
-        load_aligned,
-        lambda: load(config.model, dtype=torch.float32),
-        cache_dir,
-        {"variance": UnitMap.load(demo_dir / DEMO_ALIGNED_MAP)},
-    )
+        maps = UnitMaps(
+            config,
+            load_aligned,
+            lambda: load(config.model, dtype=torch.float32),
+            cache_dir,
+            {"variance": UnitMap.load(demo_dir / DEMO_ALIGNED_MAP)},
+        )
     for run in runs:
         if run.scorer is not None and run.scorer not in maps.maps:
-            print(f"[{name}] {run.scorer} unit map of the aligned model", file=sys.stderr, flush=True)
+            print(f"[{name}] {run.scorer} unit map of the attacked model", file=sys.stderr, flush=True)
             run.unit_map(maps)
     return maps
