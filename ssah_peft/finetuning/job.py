@@ -13,7 +13,10 @@ the base model, trains on the training layer the demo trains with (:mod:`ssah_pe
 loss that runs the output head only where a response token is predicted; checkpoints every ``save_steps``;
 ``resume`` continues from the last complete one, passing over one a kill left half-written), saves ``adapter/``,
 evaluates again, trains and evaluates the random control with ``control`` (:mod:`.control`) and writes the report
-(:mod:`.report`).
+(:mod:`.report`). A scored map is kept in the cache folder and reused by a later job with the same inputs.
+
+The module is long (about 480 lines) because that order is one sequence of checks and steps over shared state;
+the reusable pieces already live elsewhere (data, options, checkpoints, control, report).
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ class FinetuneJob:
     eval_records: list[dict[str, str]]
     """Records whose perplexity is measured before and after."""
     harmful: Optional[Examples]
-    """The harmful prompts of ``--safety-eval-data`` (None: the built-in ones)."""
-    """Harmful prompts of the ASR; None: the built-in held-out set."""
+    """Harmful prompts of the ASR (``--safety-eval-data``, with the blank ones it left out); None: the built-in
+    held-out set."""
     safety: list[dict[str, str]]
     utility: list[dict[str, str]]
     """Calibration pairs, when the model is scored now."""

@@ -5,7 +5,8 @@ A module of its own because the options are read in three places that must agree
 them (:mod:`.job`), the run directory is pinned to the part of them that decides the result
 (:meth:`FinetuneOptions.pinned`), and the report prints them (:mod:`.report`). They are declared once, as the
 dataclass's fields with their help, defaults and bounds; ``ssah-peft finetune``'s parser is generated from them, and
-every value is checked when the options are made, before anything is loaded or written.
+every value is checked when the options are made, before anything is loaded or written. It is long (about 460
+lines) because each option is declared here once, with its help, bounds and the evidence for its default.
 
 **Defaults, and the evidence for them** (README, "The demo"; 3 seeds on SmolLM2-135M):
 
