@@ -26,6 +26,9 @@ from ssah_peft.analysis import (
     ablate,
     build_report,
     degradation_scan,
+    draw_comparisons,
+    draw_name,
+    draw_sets,
     plot_ablation,
     plot_migration,
     plot_probe,
@@ -130,6 +133,52 @@ def test_planted_safety_units_drive_the_safety_feature_far_more_than_a_random_co
             changes_random.append((safety_feature() - intact).norm())
     assert change_scu > 20 * max(changes_random)
     assert torch.equal(safety_feature(), intact)
+
+
+def test_draw_sets_are_independent_draws_of_each_types_counts():
+    model = tiny_model("llama", vocab_size=128).float()
+    unit_map = UnitMap.from_scores(model_scores(model, 1), model_scores(model, 2), scu=0.05, ucu=0.1, ru=0.1)
+    sets = draw_sets(unit_map, model, ["SCU", "UCU"], [0, 1, 2])
+    assert list(sets) == [
+        "SCU",
+        *(draw_name("SCU", d) for d in range(3)),
+        "UCU",
+        *(draw_name("UCU", d) for d in range(3)),
+    ]
+    for unit_type in ("SCU", "UCU"):
+        chosen = sets[unit_type]
+        assert chosen == unit_map.units_of(unit_type)
+        draws = [sets[draw_name(unit_type, d)] for d in range(3)]
+        for drawn in draws:
+            for layer, blocks in chosen.items():
+                for kind, indices in blocks.items():
+                    assert len(drawn[layer][kind]) == len(indices) and not set(drawn[layer][kind]) & set(indices)
+        assert draws[0] != draws[1] != draws[2] != draws[0]
+    with pytest.raises(ValueError, match="distinct"):
+        draw_sets(unit_map, model, ["SCU"], [1, 1])
+
+
+def test_draw_comparisons_find_a_type_far_below_its_draws_and_not_one_among_them():
+    rng = torch.Generator().manual_seed(0)
+
+    def point(harmful: float) -> dict[str, float]:
+        noise = torch.randn(3, generator=rng).tolist()
+        return {"harmful_margin": harmful + noise[0], "selectivity": 1 + noise[1], "task_loss": 2 + noise[2]}
+
+    points = {"SCU": point(-20.0), "UCU": point(0.0)}
+    points.update({draw_name(t, d): point(0.0) for t in ("SCU", "UCU") for d in range(5)})
+    rows = draw_comparisons(points, ["SCU", "UCU"], range(5))
+    assert [(r["type"], r["measure"]) for r in rows] == [
+        (t, m) for t in ("SCU", "UCU") for m in ("harmful_margin", "selectivity", "task_loss")
+    ]
+    by = {(r["type"], r["measure"]): r for r in rows}
+    scu = by["SCU", "harmful_margin"]
+    values = [points[draw_name("SCU", d)]["harmful_margin"] for d in range(5)]
+    assert scu["draws_mean"] == pytest.approx(sum(values) / 5) and scu["draws"] == 5
+    assert scu["difference"] == pytest.approx(points["SCU"]["harmful_margin"] - scu["draws_mean"])
+    assert scu["holm_p"] < 0.01 and scu["rank_p"] == pytest.approx(1 / 6)
+    assert by["UCU", "harmful_margin"]["holm_p"] > 0.05
+    assert all(r["holm_p"] >= r["p"] for r in rows)
 
 
 SIZES_4BIT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)

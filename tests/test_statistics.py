@@ -13,7 +13,9 @@ from ssah_peft.evaluate import (
     matched_range,
     paired_bootstrap_interval,
     paired_permutation_test,
+    prediction_t_test,
     spearman_correlation,
+    student_t_cdf,
     two_sample_permutation_test,
 )
 
@@ -189,3 +191,54 @@ def test_spearman_by_hand():
     assert spearman_correlation([1, 5, 9], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="constant"):
         spearman_correlation([1, 2, 3], [4, 4, 4])
+
+
+@pytest.mark.parametrize(
+    ("t", "df", "cdf"),
+    # the 95% and 97.5% points of printed t tables, and df = 1 (Cauchy: 1/2 + atan(t)/π)
+    [(2.015, 5, 0.95), (1.812, 10, 0.95), (2.776, 4, 0.975), (3.182, 3, 0.975), (12.706, 1, 0.975), (1.0, 1, 0.75)],
+)
+def test_student_t_cdf_against_tables(t, df, cdf):
+    assert student_t_cdf(t, df) == pytest.approx(cdf, abs=2e-4)
+    assert student_t_cdf(-t, df) == pytest.approx(1 - cdf, abs=2e-4)
+
+
+def test_student_t_cdf_two_degrees_in_closed_form():
+    for t in np.linspace(-6, 6, 25):
+        assert student_t_cdf(float(t), 2) == pytest.approx(0.5 + t / (2 * math.sqrt(t * t + 2)), abs=1e-12)
+    assert student_t_cdf(0.0, 7) == 0.5
+    assert student_t_cdf(math.inf, 3) == 1.0
+    with pytest.raises(ValueError, match="positive integer"):
+        student_t_cdf(1.0, 0)
+
+
+def test_prediction_t_test_by_hand():
+    draws = [1.0, 2.0, 3.0, 4.0, 5.0]  # mean 3, s = sqrt(2.5)
+    result = prediction_t_test(-2.0, draws, alternative="less")
+    t = -5.0 / (math.sqrt(2.5) * math.sqrt(1.2))
+    assert result.t == pytest.approx(t) and result.degrees_of_freedom == 4 and result.difference == -5.0
+    assert result.p_value == pytest.approx(student_t_cdf(t, 4))
+    assert result.rank_p_value == pytest.approx(1 / 6)  # below every draw: the smallest rank p five draws allow
+    assert prediction_t_test(3.0, draws).p_value == pytest.approx(1.0)
+    assert prediction_t_test(4.5, draws, alternative="less").rank_p_value == pytest.approx(5 / 6)
+
+
+def test_prediction_t_test_rejects_at_nominal_rate_without_effect_and_finds_a_known_one():
+    rng = np.random.default_rng(5)
+    null = sum(
+        prediction_t_test(rng.normal(), rng.normal(size=5), alternative="less").p_value <= 0.05 for _ in range(2000)
+    )
+    assert 70 <= null <= 130  # 100 expected, binomial sd 9.7
+    found = sum(
+        prediction_t_test(rng.normal() - 6, rng.normal(size=5), alternative="less").p_value <= 0.05 for _ in range(200)
+    )
+    assert found >= 180
+
+
+@pytest.mark.parametrize(
+    ("value", "draws", "message"),
+    [(0.0, [1.0], "at least two"), (0.0, [1.0, 1.0], "all equal"), (math.nan, [1.0, 2.0], "finite")],
+)
+def test_prediction_t_test_errors(value, draws, message):
+    with pytest.raises(ValueError, match=message):
+        prediction_t_test(value, draws)

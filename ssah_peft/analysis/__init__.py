@@ -2,11 +2,24 @@
 
 * :func:`probe_reasoning_direction`: does a harmful query's hidden state lean towards refusal or compliance?
 * :func:`ablate`, :func:`random_units_like`, :func:`ablation_table`: zero unit sets reversibly; the paper's Table 1.
+* :func:`draw_sets`, :func:`draw_comparisons`: a unit type against independent random draws of its counts.
 * :func:`degradation_scan`: size the unit groups by pruning until safety or utility changes.
 * figures (PNG + CSV) and :func:`build_report` for a run directory (convention in :mod:`.report`).
 """
 
-from .ablation import AblationRow, AblationTable, UnitSet, ablate, ablation_table, random_units_like, units_dict
+from .ablation import (
+    DRAW_MEASURES,
+    AblationRow,
+    AblationTable,
+    UnitSet,
+    ablate,
+    ablation_table,
+    draw_comparisons,
+    draw_name,
+    draw_sets,
+    random_units_like,
+    units_dict,
+)
 from .figures import plot_ablation, plot_migration, plot_probe, plot_scan, plot_unit_types
 from .probe import DEFAULT_COMPLIANCE_OPENINGS, DEFAULT_REFUSAL_OPENINGS, ProbeResult, probe_reasoning_direction
 from .report import build_report
@@ -14,6 +27,7 @@ from .scan import CRITERIA, ScanResult, cheap_metrics, degradation_scan, scores_
 
 __all__ = [
     "CRITERIA",
+    "DRAW_MEASURES",
     "DEFAULT_COMPLIANCE_OPENINGS",
     "DEFAULT_REFUSAL_OPENINGS",
     "AblationRow",
@@ -26,6 +40,9 @@ __all__ = [
     "build_report",
     "cheap_metrics",
     "degradation_scan",
+    "draw_comparisons",
+    "draw_name",
+    "draw_sets",
     "plot_ablation",
     "plot_migration",
     "plot_probe",

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import resolve_quantization_backend
@@ -30,7 +31,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .._files import read_json, write_json
-from ..evaluate import GenerationSettings, evaluate_safety, evaluate_utility, format_rate
+from ..evaluate import (
+    GenerationSettings,
+    evaluate_safety,
+    evaluate_utility,
+    format_rate,
+    holm_adjust,
+    prediction_t_test,
+)
 from ..quantization import dense_weight, writable_weight
 from ..unit_map import UnitMap, random_units_with_counts
 from ..units import ArchitectureSpec, UnitParts, UnitsDict, model_shapes, resolve_architecture, union_units, unit_slices
@@ -186,6 +194,76 @@ def random_units_like(
     """
     widths = model_shapes(model, spec or resolve_architecture(model.config))["widths"]
     return random_units_with_counts(units_dict(units, types), widths, seed, exclude_given=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Against independent random draws, on continuous measures
+# ----------------------------------------------------------------------------------------------------
+
+#: The continuous measures (:func:`ssah_peft.experiments.curves.measure_point`) an ablation against random draws
+#: compares, each with the side a unit type that carries safety should fall on: zeroing safety units lowers the
+#: harmful refusal margin and selectivity more than random units do; the task loss is the utility reading.
+DRAW_MEASURES: dict[str, str] = {"harmful_margin": "less", "selectivity": "less", "task_loss": "two-sided"}
+
+
+def draw_name(unit_type: str, draw: int) -> str:
+    """The name of the ``draw``-th random control of ``unit_type``: a set of its per-layer counts."""
+    return f"random {unit_type} draw{draw}"
+
+
+def draw_sets(unit_map: UnitMap, model: nn.Module, types: Sequence[str], draws: Sequence[int]) -> dict[str, UnitsDict]:
+    """The unit sets of an ablation against random draws: each type of ``types``, then one random set of its
+    per-layer counts per draw (:func:`random_units_like`, seeded by the draw, so draws are independent).
+
+    One random control, as in :func:`ablation_table`, can only say "not like this one draw"; several draws give
+    the spread that a type's effect must stand out from (:func:`draw_comparisons`).
+    """
+    if not types or not draws:
+        raise ValueError("An ablation against random draws needs at least one unit type and one draw.")
+    if len(set(draws)) != len(draws):
+        raise ValueError(f"Draws must be distinct, got {list(draws)}")
+    sets: dict[str, UnitsDict] = {}
+    for unit_type in types:
+        sets[unit_type] = units_dict(unit_map, [unit_type])
+        for draw in draws:
+            sets[draw_name(unit_type, draw)] = random_units_like(unit_map, model, draw, types=[unit_type])
+    return sets
+
+
+def draw_comparisons(
+    points: Mapping[str, Mapping[str, float]], types: Sequence[str], draws: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Each type's measured point against its random draws' points, one row per type and :data:`DRAW_MEASURES`.
+
+    A row holds the type's value, the draws' mean and standard deviation, the prediction t-test
+    (:func:`ssah_peft.evaluate.prediction_t_test`: assumes the draws normal) with its exact rank p-value beside,
+    and the t-test's p-value Holm-adjusted over every row returned, the family the summary reports.
+    """
+    if len(draws) < 2:
+        raise ValueError(f"Comparing with random draws needs at least two draws, got {len(draws)}")
+    rows = []
+    for unit_type in types:
+        for measure, alternative in DRAW_MEASURES.items():
+            values = np.array([points[draw_name(unit_type, draw)][measure] for draw in draws], dtype=np.float64)
+            test = prediction_t_test(points[unit_type][measure], values, alternative=alternative)
+            rows.append(
+                {
+                    "type": unit_type,
+                    "measure": measure,
+                    "alternative": alternative,
+                    "value": points[unit_type][measure],
+                    "draws_mean": float(values.mean()),
+                    "draws_sd": float(values.std(ddof=1)),
+                    "draws": len(values),
+                    "difference": test.difference,
+                    "t": test.t,
+                    "p": test.p_value,
+                    "rank_p": test.rank_p_value,
+                }
+            )
+    for row, adjusted in zip(rows, holm_adjust([row["p"] for row in rows])):
+        row["holm_p"] = adjusted
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ values shaped ``[seeds, prompts]`` (or per-run values, shaped ``[runs]``):
 * :func:`paired_permutation_test`: a sign-flip test of the mean difference, flipping whole seeds (runs) or
   whole prompts (all seeds of a prompt together);
 * :func:`two_sample_permutation_test`: a chooser's runs against its random controls' runs, runs as the units;
+* :func:`prediction_t_test`: one set's value against the values of independent random draws, when too few draws
+  are affordable for their ranks alone to reach a small p-value (an ablation on a large model);
 * :func:`paired_bootstrap_interval`: a percentile bootstrap interval of the mean difference, resampling seeds and
   prompts independently, so that both run-to-run and prompt-to-prompt variation widen it;
 * :func:`holm_adjust`: Holm's step-down correction of a family of p-values;
@@ -243,6 +245,71 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
     adjusted = np.empty(m)
     adjusted[order] = np.minimum(scaled, 1.0)
     return adjusted.tolist()
+
+
+@dataclass(frozen=True)
+class PredictionTTest:
+    """Result of :func:`prediction_t_test`."""
+
+    difference: float
+    """The value minus the draws' mean."""
+    t: float
+    degrees_of_freedom: int
+    p_value: float
+    rank_p_value: float
+    """The exact rank test's p-value, assuming nothing about the draws' distribution: (1 + #draws as extreme) /
+    (1 + draws), never below 1 / (1 + draws)."""
+
+
+def student_t_cdf(t: float, degrees_of_freedom: int) -> float:
+    """P(T ≤ t) of Student's t with an integer number of degrees of freedom, in closed form (Abramowitz & Stegun
+    26.7.3-4: finite series in θ = atan(t / √ν)), so no special-function library is needed."""
+    nu = degrees_of_freedom
+    if nu < 1 or int(nu) != nu:
+        raise ValueError(f"degrees_of_freedom must be a positive integer, got {degrees_of_freedom}")
+    if math.isinf(t):
+        return 1.0 if t > 0 else 0.0
+    theta = math.atan(abs(t) / math.sqrt(nu))
+    cos2 = math.cos(theta) ** 2
+    term, series = 1.0, 1.0
+    if nu % 2:  # A = (2/π)(θ + sinθ cosθ (1 + (2/3)cos²θ + ... up to cos^(ν-3)θ))
+        for k in range(1, (nu - 1) // 2):
+            term *= cos2 * (2 * k) / (2 * k + 1)
+            series += term
+        inside = (2 / math.pi) * (theta + (math.sin(theta) * math.cos(theta) * series if nu > 1 else 0.0))
+    else:  # A = sinθ (1 + (1/2)cos²θ + (1·3)/(2·4)cos⁴θ + ... up to cos^(ν-2)θ)
+        for k in range(1, nu // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            series += term
+        inside = math.sin(theta) * series
+    return 0.5 + math.copysign(inside / 2, t)
+
+
+def prediction_t_test(value: float, draws: Sequence[float], *, alternative: str = "two-sided") -> PredictionTTest:
+    """Is ``value`` one more draw of the distribution the random ``draws`` come from?
+
+    t = (value − mean) / (s · √(1 + 1/n)) has Student's t distribution with n − 1 degrees of freedom when the draws
+    and the value are independent draws of one normal distribution (the prediction interval of a new draw).
+    ``alternative="less"`` asks whether ``value`` lies below the draws. The normality is an assumption the test
+    cannot check on a few draws; :attr:`PredictionTTest.rank_p_value` beside it assumes nothing but is bounded by
+    the number of draws (1/6 at five), which is why the t-test is there: on a large model, twenty draws of an
+    ablation are not affordable.
+    """
+    _check_test_options(alternative, 1)
+    values = np.asarray(draws, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"prediction_t_test needs at least two draws, got {values.shape}")
+    if not (np.isfinite(values).all() and math.isfinite(value)):
+        raise ValueError("The value and the draws must be finite.")
+    n, spread = len(values), float(values.std(ddof=1))
+    difference = float(value - values.mean())
+    if spread == 0:
+        raise ValueError("The draws are all equal: their spread, and so the t statistic, is undefined.")
+    t = difference / (spread * math.sqrt(1 + 1 / n))
+    below = student_t_cdf(t, n - 1)
+    p_value = {"less": below, "greater": 1 - below, "two-sided": 2 * min(below, 1 - below)}[alternative]
+    rank = _permutation_result(difference, values - values.mean(), alternative, n, exact=False).p_value
+    return PredictionTTest(difference, t, n - 1, min(1.0, p_value), rank)
 
 
 def _curve(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,189 @@
+"""Does zeroing a unit type (the SCU) take a model's refusals away, more than random units of its per-layer counts?
+
+The paper's Table 1 on continuous measures (issue 28, item 5): the refusal margin on all 108 harmful and all 55
+look-alike prompts, selectivity, and the task loss (``ssah_peft.experiments.curves.measure_point``, the measures of
+frontier v2), of the intact model, of the model with each unit type zeroed (``ssah_peft.analysis.ablate``, the
+units' output-projection columns), and with each of several independent random draws of that type's per-layer
+counts zeroed. Each type is compared with its draws by a prediction t-test, its exact rank p-value beside, Holm over
+every comparison (``ssah_peft.analysis.draw_comparisons``). One random control, as ``ssah-peft ablate`` draws, can
+only say "not like this one draw".
+
+    python benchmarks/unit_ablation.py                          # the demo's aligned model and its map
+    python benchmarks/unit_ablation.py --model qwen2.5-coder-1.5b-instruct \\
+        --unit-map runs/scale_qwen/units/unitmap.safetensors \\
+        --baseline benchmarks/results/scale_qwen1.5b/curves/runs/task/aligned.json \\
+        --results benchmarks/results/scale_qwen1.5b/ablation
+    python benchmarks/unit_ablation.py --limit 4 --task-items 4 --draws 0,1 --results /tmp/ablation   # smoke test
+
+Resumable: each set's point is stored under ``--results/rows/`` (the intact model's too, or ``--baseline``: a point
+stored by frontier v2 with the same measure settings), and ``summary.md`` and ``results.csv`` are rewritten after
+each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ssah_peft import UnitMap
+from ssah_peft._files import write_text
+from ssah_peft.analysis import ablate, draw_comparisons, draw_sets
+from ssah_peft.analysis.ablation import count_units
+from ssah_peft.experiments.chooser_maps import DEMO_ALIGNED_MAP, DEMO_ALIGNED_MODEL
+from ssah_peft.experiments.curves import curve_sets, measure_point, measure_settings
+from ssah_peft.models import load
+
+INTACT = "none"
+CSV_COLUMNS = ("set", "units", "share", "harmful_margin", "lookalike_margin", "selectivity", "task_loss", "seconds")
+
+
+def comma_list(kind):
+    def parse(text: str):
+        return [kind(part) for part in text.split(",") if part.strip()]
+
+    return parse
+
+
+def row_path(results: Path, name: str) -> Path:
+    return results / "rows" / f"{name.replace(' ', '_')}.json"
+
+
+def stored_point(path: Path, settings: dict) -> dict | None:
+    """The point stored at ``path`` if it was measured with ``settings``, else None."""
+    if not path.is_file():
+        return None
+    point = json.loads(path.read_text(encoding="utf-8"))
+    return point if point.get("measures") == settings else None
+
+
+def write_results(args, names: list[str], points: dict[str, dict], total_units: int) -> None:
+    """``results.csv`` and ``summary.md`` of the points measured so far; the comparisons once every draw is in."""
+    rows = []
+    for name in names:
+        if name not in points:
+            continue
+        point = points[name]
+        seconds = sum(point.get("seconds", {}).values())
+        rows.append(
+            {
+                "set": name,
+                "units": point.get("units", 0),
+                "share": round(point.get("units", 0) / total_units, 5),
+                **{key: round(point[key], 4) for key in CSV_COLUMNS[3:7]},
+                "seconds": round(seconds, 1),
+            }
+        )
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(args.results / "results.csv", buffer.getvalue())
+    lines = [
+        f"# Unit ablation against {len(args.draws)} independent random draws: {args.model or 'the demo aligned model'}",
+        "",
+        f"Command: `{args.command}`",
+        "",
+        f"Unit map: `{args.unit_map}`; zeroed: the units' `{args.parts}` columns. Measures (teacher-forced): refusal "
+        f"margin on {args.settings['harmful_prompts']} harmful and {args.settings['lookalike_prompts']} look-alike "
+        f"prompts, selectivity (their difference), task loss on {args.settings['task_items']} task items spread "
+        "over the set. Higher margin: more refusal.",
+        "",
+        "| zeroed | units | share | harmful margin | look-alike margin | selectivity | task loss | s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['set']} | {r['units']} | {100 * r['share']:.2f}% | {r['harmful_margin']:+.3f} | "
+        f"{r['lookalike_margin']:+.3f} | {r['selectivity']:+.3f} | {r['task_loss']:.3f} | {r['seconds']:.0f} |"
+        for r in rows
+    ]
+    complete = [t for t in args.types if all(n in points for n in names if n == t or n.startswith(f"random {t} "))]
+    lines += ["", "## Each type against its random draws", ""]
+    if not complete:
+        lines.append("Not every set is measured yet: no comparison.")
+    else:
+        lines += [
+            "Prediction t-test of the type's value among its draws' (assumes the draws normal; one-sided where "
+            "zeroing safety units should lower the measure), the exact rank p-value beside it (assumes nothing, "
+            f"never below 1/{len(args.draws) + 1}), Holm over every row.",
+            "",
+            "| type | measure | value | draws mean ± sd | difference | t | p | Holm p | rank p |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c in draw_comparisons(points, complete, args.draws):
+            lines.append(
+                f"| {c['type']} | {c['measure']} ({c['alternative']}) | {c['value']:+.3f} | "
+                f"{c['draws_mean']:+.3f} ± {c['draws_sd']:.3f} | {c['difference']:+.3f} | {c['t']:.2f} | "
+                f"{c['p']:.2g} | {c['holm_p']:.2g} | {c['rank_p']:.3f} |"
+            )
+    write_text(args.results / "summary.md", "\n".join(lines) + "\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="embedded name, hub id or folder (default: the --demo run's aligned model)")
+    parser.add_argument("--unit-map", type=Path, help="unit map of --model (default: the --demo run's aligned map)")
+    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo run dir (make demo)")
+    parser.add_argument("--dtype", default="float32", help="weight dtype (bfloat16 on CPUs with AVX-512 BF16)")
+    parser.add_argument("--types", type=comma_list(str), default=["SCU"], help="unit types to zero, one row each")
+    parser.add_argument("--draws", type=comma_list(int), default=[0, 1, 2, 3, 4], help="random draws per type")
+    parser.add_argument("--parts", choices=("out_proj", "all"), default="out_proj", help="what zeroing a unit zeroes")
+    parser.add_argument("--task-items", type=int, default=100, help="task items of the task loss, spread over the set")
+    parser.add_argument("--limit", type=int, help="smoke test: the first N harmful and look-alike prompts")
+    parser.add_argument("--baseline", type=Path, help="a stored point of the intact model (frontier v2's step 0)")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results/unit_ablation"))
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    args.command = shlex.join(["python", *sys.argv])
+    if len(args.draws) < 2 or len(set(args.draws)) != len(args.draws):
+        parser.error(f"--draws needs at least two distinct draws, got {args.draws}")
+    unknown = sorted(set(args.types) - {"SCU", "UCU", "CU", "RU"})
+    if unknown:
+        parser.error(f"Unknown unit types {unknown}; known: SCU, UCU, CU, RU")
+    model_path = args.model or args.demo / DEMO_ALIGNED_MODEL
+    args.unit_map = args.unit_map or args.demo / DEMO_ALIGNED_MAP
+    if not args.unit_map.is_file():
+        parser.error(f"{args.unit_map} is missing (make demo, or ssah-peft score --model ... --out it)")
+    unit_map = UnitMap.load(args.unit_map)  # a damaged map fails here, before the model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sets_measured = curve_sets("task", args.limit, args.task_items)
+    args.settings = measure_settings(sets_measured)
+    settings = {**args.settings, "parts": args.parts}
+
+    model, tokenizer = load(model_path, dtype=getattr(torch, args.dtype))
+    unit_map.check_model(model)
+    model.eval()
+    unit_sets = {INTACT: {}, **draw_sets(unit_map, model, args.types, args.draws)}
+    total_units = sum(sum(widths) for widths in unit_map.fingerprint["widths"].values())
+    names = list(unit_sets)
+    points: dict[str, dict] = {}
+    for name in names:
+        point = stored_point(row_path(args.results, name), settings)
+        if point is None and name == INTACT and args.baseline:
+            baseline = stored_point(args.baseline, args.settings)
+            point = None if baseline is None else {**baseline, "measures": settings, "reused_from": str(args.baseline)}
+        if point is None:
+            print(f"[unit_ablation] measuring with {name} zeroed", file=sys.stderr)
+            start = time.perf_counter()
+            with torch.no_grad(), ablate(model, unit_sets[name], parts=args.parts):
+                point = {**measure_point(model, tokenizer, sets_measured), "measures": settings}
+            point["wall_seconds"] = round(time.perf_counter() - start, 1)
+        point["units"] = count_units(unit_sets[name])
+        path = row_path(args.results, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(point, indent=1) + "\n")
+        points[name] = point
+        write_results(args, names, points, total_units)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
