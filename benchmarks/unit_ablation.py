@@ -35,8 +35,9 @@ import torch
 
 from ssah_peft import UnitMap
 from ssah_peft._files import write_text
-from ssah_peft.analysis import ablate, draw_comparisons, draw_sets
+from ssah_peft.analysis import ablate, draw_comparisons, draw_name, draw_sets
 from ssah_peft.analysis.ablation import count_units
+from ssah_peft.evaluate import holm_adjust
 from ssah_peft.experiments.chooser_maps import DEMO_ALIGNED_MAP, DEMO_ALIGNED_MODEL
 from ssah_peft.experiments.curves import curve_sets, measure_point, measure_settings
 from ssah_peft.models import load
@@ -65,7 +66,7 @@ def stored_point(path: Path, settings: dict) -> dict | None:
 
 
 def write_results(args, names: list[str], points: dict[str, dict], total_units: int) -> None:
-    """``results.csv`` and ``summary.md`` of the points measured so far; the comparisons once every draw is in."""
+    """``results.csv`` and ``summary.md`` of the points measured so far; each type against the draws measured so far."""
     rows = []
     for name in names:
         if name not in points:
@@ -104,26 +105,35 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
         f"{r['lookalike_margin']:+.3f} | {r['selectivity']:+.3f} | {r['task_loss']:.3f} | {r['seconds']:.0f} |"
         for r in rows
     ]
-    complete = [t for t in args.types if all(n in points for n in names if n == t or n.startswith(f"random {t} "))]
+    measured = {t: [d for d in args.draws if draw_name(t, d) in points] for t in args.types if t in points}
+    compared = {t: draws for t, draws in measured.items() if len(draws) >= 2}
+    comparisons = [c for t, draws in compared.items() for c in draw_comparisons(points, [t], draws)]
+    for c, adjusted in zip(comparisons, holm_adjust([c["p"] for c in comparisons])):
+        c["holm_p"] = adjusted  # over every row of the summary, not each type's alone
     lines += ["", "## Each type against its random draws", ""]
-    if not complete:
-        lines.append("Not every set is measured yet: no comparison.")
-    else:
+    lines += [
+        f"{t}: {len(draws)} of {len(args.draws)} draws measured, no comparison yet."
+        for t, draws in measured.items()
+        if t not in compared
+    ]
+    if comparisons:
         lines += [
-            "Prediction t-test of the type's value among its draws' (assumes the draws normal; one-sided where "
+            "Draws measured: "
+            + "; ".join(f"{t}: {len(d)} of {len(args.draws)} ({', '.join(map(str, d))})" for t, d in compared.items())
+            + ". Prediction t-test of a type's value among its draws' (assumes the draws normal; one-sided where "
             "zeroing safety units should lower the measure), the exact rank p-value beside it (assumes nothing, "
-            f"never below 1/{len(args.draws) + 1}), Holm over every row.",
+            "never below 1 / (draws + 1)), Holm over every row of this table.",
             "",
             "| type | measure | value | draws mean ± sd | difference | t | p | Holm p | rank p |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for c in draw_comparisons(points, complete, args.draws):
-            lines.append(
-                f"| {c['type']} | {c['measure']} ({c['alternative']}) | {c['value']:+.3f} | "
-                f"{c['draws_mean']:+.3f} ± {c['draws_sd']:.3f} | {c['difference']:+.3f} | {c['t']:.2f} | "
-                f"{c['p']:.2g} | {c['holm_p']:.2g} | {c['rank_p']:.3f} |"
-            )
-    write_text(args.results / "summary.md", "\n".join(lines) + "\n")
+        lines += [
+            f"| {c['type']} | {c['measure']} ({c['alternative']}) | {c['value']:+.3f} | "
+            f"{c['draws_mean']:+.3f} ± {c['draws_sd']:.3f} | {c['difference']:+.3f} | {c['t']:.2f} | "
+            f"{c['p']:.2g} | {c['holm_p']:.2g} | {c['rank_p']:.3f} |"
+            for c in comparisons
+        ]
+    write_text(args.results / "summary.md", "\n".join(lines).rstrip() + "\n")
 
 
 def main() -> int:
