@@ -37,13 +37,25 @@ from ssah_peft import UnitMap
 from ssah_peft._files import write_text
 from ssah_peft.analysis import ablate, draw_comparisons, draw_name, draw_sets
 from ssah_peft.analysis.ablation import count_units
-from ssah_peft.evaluate import holm_adjust
+from ssah_peft.evaluate import GenerationSettings, audit_replies, evaluate_safety, holm_adjust
 from ssah_peft.experiments.chooser_maps import DEMO_ALIGNED_MAP, DEMO_ALIGNED_MODEL
 from ssah_peft.experiments.curves import curve_sets, measure_point, measure_settings
 from ssah_peft.models import load
 
 INTACT = "none"
-CSV_COLUMNS = ("set", "units", "share", "harmful_margin", "lookalike_margin", "selectivity", "task_loss", "seconds")
+CSV_COLUMNS = (
+    "set",
+    "units",
+    "share",
+    "harmful_margin",
+    "lookalike_margin",
+    "selectivity",
+    "task_loss",
+    "asr",
+    "overrefusal",
+    "other_success_share",
+    "seconds",
+)
 
 
 def comma_list(kind):
@@ -65,6 +77,24 @@ def stored_point(path: Path, settings: dict) -> dict | None:
     return point if point.get("measures") == settings else None
 
 
+def generation_rates(model, tokenizer, limit: int | None) -> dict:
+    """ASR on the harmful prompts and over-refusal on the look-alikes (greedy, 32 tokens, keyword judges), with the
+    audit of the replies judged attack successes: a zeroed set may break the model's language rather than its
+    refusals. No reply text is kept (replies to harmful requests are never stored)."""
+    settings = GenerationSettings(max_new_tokens=32, batch_size=32, show_progress=False)
+    safety, generations = evaluate_safety(model, tokenizer, settings=settings, limit=limit)
+    harmful, benign = safety["harmful"], safety["overrefusal"]
+    successes = [g["response"] for g in generations if g["dataset"] == "harmful_eval" and g["harmful"]]
+    return {
+        "asr": harmful["asr"],
+        "asr_counts": [harmful["attack_successes"], harmful["n"]],
+        "overrefusal": benign["rate"],
+        "overrefusal_counts": [benign["refusals"], benign["n"]],
+        "audit": audit_replies(successes),
+        "seconds": round(harmful["seconds"] + benign["seconds"], 1),
+    }
+
+
 def write_results(args, names: list[str], points: dict[str, dict], total_units: int) -> None:
     """``results.csv`` and ``summary.md`` of the points measured so far; each type against the draws measured so far."""
     rows = []
@@ -72,14 +102,18 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
         if name not in points:
             continue
         point = points[name]
-        seconds = sum(point.get("seconds", {}).values())
+        generation = point.get("generation", {})
+        shares = generation.get("audit", {}).get("shares", {})
         rows.append(
             {
                 "set": name,
                 "units": point.get("units", 0),
                 "share": round(point.get("units", 0) / total_units, 5),
                 **{key: round(point[key], 4) for key in CSV_COLUMNS[3:7]},
-                "seconds": round(seconds, 1),
+                "asr": generation.get("asr", ""),
+                "overrefusal": generation.get("overrefusal", ""),
+                "other_success_share": "" if shares.get("other") is None else round(shares["other"], 3),
+                "seconds": round(sum(point.get("seconds", {}).values()) + generation.get("seconds", 0), 1),
             }
         )
     buffer = io.StringIO()
@@ -97,14 +131,27 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
         f"prompts, selectivity (their difference), task loss on {args.settings['task_items']} task items spread "
         "over the set. Higher margin: more refusal.",
         "",
-        "| zeroed | units | share | harmful margin | look-alike margin | selectivity | task loss | s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| zeroed | units | share | harmful margin | look-alike margin | selectivity | task loss | ASR | "
+        "over-refusal | other successes | s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def cell(value, spec: str) -> str:
+        return "" if value == "" else format(value, spec)
+
     lines += [
         f"| {r['set']} | {r['units']} | {100 * r['share']:.2f}% | {r['harmful_margin']:+.3f} | "
-        f"{r['lookalike_margin']:+.3f} | {r['selectivity']:+.3f} | {r['task_loss']:.3f} | {r['seconds']:.0f} |"
+        f"{r['lookalike_margin']:+.3f} | {r['selectivity']:+.3f} | {r['task_loss']:.3f} | {cell(r['asr'], '.3f')} | "
+        f"{cell(r['overrefusal'], '.3f')} | {cell(r['other_success_share'], '.3f')} | {r['seconds']:.0f} |"
         for r in rows
     ]
+    if any(r["asr"] != "" for r in rows):
+        lines += [
+            "",
+            "ASR and over-refusal: greedy, 32 new tokens, keyword judges, on the same prompts as the margins; "
+            "other successes: the share of the replies judged attack successes that are neither in the task's "
+            "format nor degenerate (`ssah_peft.evaluate.audit_replies`).",
+        ]
     measured = {t: [d for d in args.draws if draw_name(t, d) in points] for t in args.types if t in points}
     compared = {t: draws for t, draws in measured.items() if len(draws) >= 2}
     comparisons = [c for t, draws in compared.items() for c in draw_comparisons(points, [t], draws)]
@@ -149,6 +196,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="smoke test: the first N harmful and look-alike prompts")
     parser.add_argument("--baseline", type=Path, help="a stored point of the intact model (frontier v2's step 0)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/unit_ablation"))
+    parser.add_argument("--generate", action="store_true", help="also the generation ASR and over-refusal, audited")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     args.command = shlex.join(["python", *sys.argv])
@@ -186,6 +234,10 @@ def main() -> int:
             with torch.no_grad(), ablate(model, unit_sets[name], parts=args.parts):
                 point = {**measure_point(model, tokenizer, sets_measured), "measures": settings}
             point["wall_seconds"] = round(time.perf_counter() - start, 1)
+        if args.generate and "generation" not in point:
+            print(f"[unit_ablation] generating with {name} zeroed", file=sys.stderr)
+            with torch.no_grad(), ablate(model, unit_sets[name], parts=args.parts):
+                point["generation"] = generation_rates(model, tokenizer, args.limit)
         point["units"] = count_units(unit_sets[name])
         path = row_path(args.results, name)
         path.parent.mkdir(parents=True, exist_ok=True)
