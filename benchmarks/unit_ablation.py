@@ -37,10 +37,12 @@ from ssah_peft import UnitMap
 from ssah_peft._files import write_text
 from ssah_peft.analysis import ablate, draw_comparisons, draw_name, draw_sets
 from ssah_peft.analysis.ablation import count_units
+from ssah_peft.data import load_builtin
 from ssah_peft.evaluate import GenerationSettings, audit_replies, evaluate_safety, holm_adjust
 from ssah_peft.experiments.chooser_maps import DEMO_ALIGNED_MAP, DEMO_ALIGNED_MODEL
 from ssah_peft.experiments.curves import curve_sets, measure_point, measure_settings
 from ssah_peft.models import load
+from ssah_peft.training.data import spread
 
 INTACT = "none"
 CSV_COLUMNS = (
@@ -77,21 +79,28 @@ def stored_point(path: Path, settings: dict) -> dict | None:
     return point if point.get("measures") == settings else None
 
 
-def generation_rates(model, tokenizer, limit: int | None) -> dict:
+def generation_rates(model, tokenizer, limit: int | None, prompts: int | None) -> dict:
     """ASR on the harmful prompts and over-refusal on the look-alikes (greedy, 32 tokens, keyword judges), with the
     audit of the replies judged attack successes: a zeroed set may break the model's language rather than its
-    refusals. No reply text is kept (replies to harmful requests are never stored)."""
+    refusals. ``prompts`` takes that many of each set spread over its categories (generation is the costly part on
+    a large model); else all, or the first ``limit``. No reply text is kept (replies to harmful requests are never
+    stored)."""
     settings = GenerationSettings(max_new_tokens=32, batch_size=32, show_progress=False)
-    safety, generations = evaluate_safety(model, tokenizer, settings=settings, limit=limit)
-    harmful, benign = safety["harmful"], safety["overrefusal"]
-    successes = [g["response"] for g in generations if g["dataset"] == "harmful_eval" and g["harmful"]]
+    sets = {name: list(load_builtin(name)) for name in ("harmful_eval", "overrefusal_eval")}
+    harmful, benign = (
+        spread(rows, min(prompts, len(rows))) if prompts else rows[: limit or len(rows)] for rows in sets.values()
+    )
+    safety, generations = evaluate_safety(model, tokenizer, harmful=harmful, benign=benign, settings=settings)
+    harmful_block, benign_block = safety["harmful"], safety["overrefusal"]
+    successes = [g["response"] for g in generations if g["dataset"] == "harmful" and g["harmful"]]
     return {
-        "asr": harmful["asr"],
-        "asr_counts": [harmful["attack_successes"], harmful["n"]],
-        "overrefusal": benign["rate"],
-        "overrefusal_counts": [benign["refusals"], benign["n"]],
+        "prompts": [len(harmful), len(benign)],
+        "asr": harmful_block["asr"],
+        "asr_counts": [harmful_block["attack_successes"], harmful_block["n"]],
+        "overrefusal": benign_block["rate"],
+        "overrefusal_counts": [benign_block["refusals"], benign_block["n"]],
         "audit": audit_replies(successes),
-        "seconds": round(harmful["seconds"] + benign["seconds"], 1),
+        "seconds": round(harmful_block["seconds"] + benign_block["seconds"], 1),
     }
 
 
@@ -148,8 +157,13 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
     if any(r["asr"] != "" for r in rows):
         lines += [
             "",
-            "ASR and over-refusal: greedy, 32 new tokens, keyword judges, on the same prompts as the margins; "
-            "other successes: the share of the replies judged attack successes that are neither in the task's "
+            "ASR and over-refusal: greedy, 32 new tokens, keyword judges, on "
+            + (
+                f"{args.generate_prompts} harmful and look-alike prompts each, spread over the categories; "
+                if args.generate_prompts
+                else "the same prompts as the margins; "
+            )
+            + "other successes: the share of the replies judged attack successes that are neither in the task's "
             "format nor degenerate (`ssah_peft.evaluate.audit_replies`).",
         ]
     measured = {t: [d for d in args.draws if draw_name(t, d) in points] for t in args.types if t in points}
@@ -197,6 +211,9 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="a stored point of the intact model (frontier v2's step 0)")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/unit_ablation"))
     parser.add_argument("--generate", action="store_true", help="also the generation ASR and over-refusal, audited")
+    parser.add_argument(
+        "--generate-prompts", type=int, help="with --generate: this many of each set, spread (default: all)"
+    )
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     args.command = shlex.join(["python", *sys.argv])
@@ -234,10 +251,13 @@ def main() -> int:
             with torch.no_grad(), ablate(model, unit_sets[name], parts=args.parts):
                 point = {**measure_point(model, tokenizer, sets_measured), "measures": settings}
             point["wall_seconds"] = round(time.perf_counter() - start, 1)
-        if args.generate and "generation" not in point:
+        wanted = [len(sets_measured.harmful), len(sets_measured.lookalike)]
+        if args.generate_prompts:
+            wanted = [min(args.generate_prompts, len(load_builtin(n))) for n in ("harmful_eval", "overrefusal_eval")]
+        if args.generate and point.get("generation", {}).get("prompts") != wanted:
             print(f"[unit_ablation] generating with {name} zeroed", file=sys.stderr)
             with torch.no_grad(), ablate(model, unit_sets[name], parts=args.parts):
-                point["generation"] = generation_rates(model, tokenizer, args.limit)
+                point["generation"] = generation_rates(model, tokenizer, args.limit, args.generate_prompts)
         point["units"] = count_units(unit_sets[name])
         path = row_path(args.results, name)
         path.parent.mkdir(parents=True, exist_ok=True)
