@@ -35,7 +35,7 @@ import torch
 
 from ssah_peft import UnitMap
 from ssah_peft._files import write_text
-from ssah_peft.analysis import ablate, draw_comparisons, draw_name, draw_sets
+from ssah_peft.analysis import DRAW_MEASURES, GENERATION_MEASURES, ablate, draw_comparisons, draw_name, draw_sets
 from ssah_peft.analysis.ablation import count_units
 from ssah_peft.data import load_builtin
 from ssah_peft.evaluate import GenerationSettings, audit_replies, evaluate_safety, holm_adjust
@@ -168,7 +168,16 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
         ]
     measured = {t: [d for d in args.draws if draw_name(t, d) in points] for t in args.types if t in points}
     compared = {t: draws for t, draws in measured.items() if len(draws) >= 2}
-    comparisons = [c for t, draws in compared.items() for c in draw_comparisons(points, [t], draws)]
+    comparisons = []
+    for unit_type, draws in compared.items():
+        names_compared = [unit_type, *(draw_name(unit_type, d) for d in draws)]
+        generated = all("generation" in points[name] for name in names_compared)
+        values = {
+            name: {**points[name], **{k: points[name]["generation"][k] for k in GENERATION_MEASURES if generated}}
+            for name in names_compared
+        }
+        measures = {**DRAW_MEASURES, **(GENERATION_MEASURES if generated else {})}
+        comparisons += draw_comparisons(values, [unit_type], draws, measures)
     for c, adjusted in zip(comparisons, holm_adjust([c["p"] for c in comparisons])):
         c["holm_p"] = adjusted  # over every row of the summary, not each type's alone
     lines += ["", "## Each type against its random draws", ""]
@@ -182,8 +191,8 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
             "Draws measured: "
             + "; ".join(f"{t}: {len(d)} of {len(args.draws)} ({', '.join(map(str, d))})" for t, d in compared.items())
             + ". Prediction t-test of a type's value among its draws' (assumes the draws normal; one-sided where "
-            "zeroing safety units should lower the measure), the exact rank p-value beside it (assumes nothing, "
-            "never below 1 / (draws + 1)), Holm over every row of this table.",
+            "zeroing safety units should lower the margins and raise the ASR), the exact rank p-value beside it "
+            "(assumes nothing, never below 1 / (draws + 1)), Holm over every row of this table.",
             "",
             "| type | measure | value | draws mean ± sd | difference | t | p | Holm p | rank p |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",

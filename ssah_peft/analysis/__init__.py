@@ -9,6 +9,7 @@
 
 from .ablation import (
     DRAW_MEASURES,
+    GENERATION_MEASURES,
     AblationRow,
     AblationTable,
     UnitSet,
@@ -28,6 +29,7 @@ from .scan import CRITERIA, ScanResult, cheap_metrics, degradation_scan, scores_
 __all__ = [
     "CRITERIA",
     "DRAW_MEASURES",
+    "GENERATION_MEASURES",
     "DEFAULT_COMPLIANCE_OPENINGS",
     "DEFAULT_REFUSAL_OPENINGS",
     "AblationRow",

@@ -204,6 +204,9 @@ def random_units_like(
 #: compares, each with the side a unit type that carries safety should fall on: zeroing safety units lowers the
 #: harmful refusal margin and selectivity more than random units do; the task loss is the utility reading.
 DRAW_MEASURES: dict[str, str] = {"harmful_margin": "less", "selectivity": "less", "task_loss": "two-sided"}
+#: The generation rates compared where they were measured: zeroing safety units raises the ASR; the over-refusal
+#: may move either way.
+GENERATION_MEASURES: dict[str, str] = {"asr": "greater", "overrefusal": "two-sided"}
 
 
 def draw_name(unit_type: str, draw: int) -> str:
@@ -231,9 +234,13 @@ def draw_sets(unit_map: UnitMap, model: nn.Module, types: Sequence[str], draws: 
 
 
 def draw_comparisons(
-    points: Mapping[str, Mapping[str, float]], types: Sequence[str], draws: Sequence[int]
+    points: Mapping[str, Mapping[str, float]],
+    types: Sequence[str],
+    draws: Sequence[int],
+    measures: Mapping[str, str] = DRAW_MEASURES,
 ) -> list[dict[str, Any]]:
-    """Each type's measured point against its random draws' points, one row per type and :data:`DRAW_MEASURES`.
+    """Each type's measured point against its random draws' points, one row per type and measure of ``measures``
+    (name → the alternative: ``"less"``, ``"greater"`` or ``"two-sided"``).
 
     A row holds the type's value, the draws' mean and standard deviation, the prediction t-test
     (:func:`ssah_peft.evaluate.prediction_t_test`: assumes the draws normal) with its exact rank p-value beside,
@@ -243,7 +250,7 @@ def draw_comparisons(
         raise ValueError(f"Comparing with random draws needs at least two draws, got {len(draws)}")
     rows = []
     for unit_type in types:
-        for measure, alternative in DRAW_MEASURES.items():
+        for measure, alternative in measures.items():
             values = np.array([points[draw_name(unit_type, draw)][measure] for draw in draws], dtype=np.float64)
             test = prediction_t_test(points[unit_type][measure], values, alternative=alternative)
             rows.append(
