@@ -154,15 +154,13 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
         f"{cell(r['overrefusal'], '.3f')} | {cell(r['other_success_share'], '.3f')} | {r['seconds']:.0f} |"
         for r in rows
     ]
-    if any(r["asr"] != "" for r in rows):
+    generated_on = [tuple(points[r["set"]]["generation"]["prompts"]) for r in rows if r["asr"] != ""]
+    if generated_on:
         lines += [
             "",
             "ASR and over-refusal: greedy, 32 new tokens, keyword judges, on "
-            + (
-                f"{args.generate_prompts} harmful and look-alike prompts each, spread over the categories; "
-                if args.generate_prompts
-                else "the same prompts as the margins; "
-            )
+            + ", ".join(sorted({"{} harmful and {} look-alike prompts".format(*counts) for counts in generated_on}))
+            + " (spread over the categories where fewer than all); "
             + "other successes: the share of the replies judged attack successes that are neither in the task's "
             "format nor degenerate (`ssah_peft.evaluate.audit_replies`).",
         ]
