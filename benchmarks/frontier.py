@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ssah_peft.cli.options import comma_list
 from ssah_peft.experiments import ATTACK_SETS, DemoConfig, check_run_dir
 from ssah_peft.experiments.chooser_maps import missing_demo_outputs, sweep_unit_maps
 from ssah_peft.experiments.frontier import (
@@ -52,13 +53,6 @@ from ssah_peft.experiments.frontier import (
 from ssah_peft.experiments.frontier_figure import frontier_points, plot_frontier
 from ssah_peft.experiments.frontier_tables import frontier_markdown, frontier_row, write_rows
 from ssah_peft.experiments.stages import attack_result
-
-
-def comma_list(kind):
-    def parse(text: str):
-        return [kind(item) for item in text.split(",") if item]
-
-    return parse
 
 
 def cached_results(root: Path, seeds: list[int], draws: list[int]) -> dict[FrontierRun, dict]:

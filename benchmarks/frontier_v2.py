@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ssah_peft._files import write_text
+from ssah_peft.cli.options import comma_list
 from ssah_peft.experiments import DemoConfig, check_run_dir
 from ssah_peft.experiments.chooser_maps import missing_demo_outputs, sweep_unit_maps
 from ssah_peft.experiments.curves import CHECKPOINTS, curve_sets, measure_point, measure_settings
@@ -48,13 +49,6 @@ from ssah_peft.experiments.frontier_curves import (
     plot_curves,
     summary_lines,
 )
-
-
-def comma_list(kind):
-    def parse(text: str):
-        return [kind(item) for item in text.split(",") if item]
-
-    return parse
 
 
 def cell(text: str) -> tuple[str, str, float, str]:

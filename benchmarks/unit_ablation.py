@@ -37,6 +37,7 @@ from ssah_peft import UnitMap
 from ssah_peft._files import write_text
 from ssah_peft.analysis import DRAW_MEASURES, GENERATION_MEASURES, ablate, draw_comparisons, draw_name, draw_sets
 from ssah_peft.analysis.ablation import count_units
+from ssah_peft.cli.options import comma_list
 from ssah_peft.data import load_builtin
 from ssah_peft.evaluate import GenerationSettings, audit_replies, evaluate_safety, holm_adjust
 from ssah_peft.experiments.chooser_maps import DEMO_ALIGNED_MAP, DEMO_ALIGNED_MODEL
@@ -58,13 +59,6 @@ CSV_COLUMNS = (
     "other_success_share",
     "seconds",
 )
-
-
-def comma_list(kind):
-    def parse(text: str):
-        return [kind(part) for part in text.split(",") if part.strip()]
-
-    return parse
 
 
 def row_path(results: Path, name: str) -> Path:
@@ -246,6 +240,10 @@ def main() -> int:
     unit_sets = {INTACT: {}, **draw_sets(unit_map, model, args.types, args.draws)}
     total_units = sum(sum(widths) for widths in unit_map.fingerprint["widths"].values())
     names = list(unit_sets)
+    generated_prompts = [len(sets_measured.harmful), len(sets_measured.lookalike)]
+    if args.generate_prompts:
+        sizes = (len(load_builtin(n)) for n in ("harmful_eval", "overrefusal_eval"))
+        generated_prompts = [min(args.generate_prompts, size) for size in sizes]
     points: dict[str, dict] = {}
     for name in names:
         point = stored_point(row_path(args.results, name), settings)
@@ -258,10 +256,7 @@ def main() -> int:
             with torch.no_grad(), ablate(model, unit_sets[name], parts=args.parts):
                 point = {**measure_point(model, tokenizer, sets_measured), "measures": settings}
             point["wall_seconds"] = round(time.perf_counter() - start, 1)
-        wanted = [len(sets_measured.harmful), len(sets_measured.lookalike)]
-        if args.generate_prompts:
-            wanted = [min(args.generate_prompts, len(load_builtin(n))) for n in ("harmful_eval", "overrefusal_eval")]
-        if args.generate and point.get("generation", {}).get("prompts") != wanted:
+        if args.generate and point.get("generation", {}).get("prompts") != generated_prompts:
             print(f"[unit_ablation] generating with {name} zeroed", file=sys.stderr)
             with torch.no_grad(), ablate(model, unit_sets[name], parts=args.parts):
                 point["generation"] = generation_rates(model, tokenizer, args.limit, args.generate_prompts)

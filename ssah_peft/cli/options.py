@@ -90,6 +90,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def comma_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """``type=`` for a comma-separated list, each non-empty item converted by ``kind`` (``comma_list(int)``:
+    "0,1,2"); the benchmarks' list options."""
+
+    def parse(text: str) -> list[Any]:
+        return [kind(item) for item in text.split(",") if item]
+
+    return parse
+
+
 def fraction(text: str) -> float:
     """``type=`` for fractions of all units: a number in [0, 1]."""
     return _fraction(text, zero=True)
