@@ -10,7 +10,7 @@ only say "not like this one draw".
 
     python benchmarks/unit_ablation.py                          # the demo's aligned model and its map
     python benchmarks/unit_ablation.py --model qwen2.5-coder-1.5b-instruct \\
-        --unit-map runs/scale_qwen/units/unitmap.safetensors \\
+        --unit-map benchmarks/results/scale_qwen1.5b/units/unitmap.safetensors \\
         --baseline benchmarks/results/scale_qwen1.5b/curves/runs/task/aligned.json \\
         --results benchmarks/results/scale_qwen1.5b/ablation
     python benchmarks/unit_ablation.py --limit 4 --task-items 4 --draws 0,1 --results /tmp/ablation   # smoke test
@@ -184,14 +184,19 @@ def write_results(args, names: list[str], points: dict[str, dict], total_units: 
             + "; ".join(f"{t}: {len(d)} of {len(args.draws)} ({', '.join(map(str, d))})" for t, d in compared.items())
             + ". Prediction t-test of a type's value among its draws' (assumes the draws normal; one-sided where "
             "zeroing safety units should lower the margins and raise the ASR), the exact rank p-value beside it "
-            "(assumes nothing, never below 1 / (draws + 1)), Holm over every row of this table.",
+            "(assumes nothing, never below 1 / (draws + 1); the test itself where the draws are all equal and t "
+            "is n/a), Holm over every row of this table.",
             "",
             "| type | measure | value | draws mean ± sd | difference | t | p | Holm p | rank p |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def t_cell(t: float | None) -> str:
+            return "n/a" if t is None else f"{t:.2f}"
+
         lines += [
             f"| {c['type']} | {c['measure']} ({c['alternative']}) | {c['value']:+.3f} | "
-            f"{c['draws_mean']:+.3f} ± {c['draws_sd']:.3f} | {c['difference']:+.3f} | {c['t']:.2f} | "
+            f"{c['draws_mean']:+.3f} ± {c['draws_sd']:.3f} | {c['difference']:+.3f} | {t_cell(c['t'])} | "
             f"{c['p']:.2g} | {c['holm_p']:.2g} | {c['rank_p']:.3f} |"
             for c in comparisons
         ]

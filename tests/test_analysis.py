@@ -181,6 +181,17 @@ def test_draw_comparisons_find_a_type_far_below_its_draws_and_not_one_among_them
     assert all(r["holm_p"] >= r["p"] for r in rows)
 
 
+def test_draw_comparisons_fall_back_to_the_rank_test_when_the_draws_are_equal():
+    # a rate read on a few prompts: every draw 0.2, the type 0.9; the t statistic is undefined
+    points = {"SCU": {"asr": 0.9}, **{draw_name("SCU", d): {"asr": 0.2} for d in range(5)}}
+    (row,) = draw_comparisons(points, ["SCU"], range(5), {"asr": "greater"})
+    assert row["t"] is None and row["draws_sd"] == 0 and row["difference"] == pytest.approx(0.7)
+    assert row["p"] == row["rank_p"] == pytest.approx(1 / 6) == row["holm_p"]
+    points["SCU"]["asr"] = 0.2
+    (tie,) = draw_comparisons(points, ["SCU"], range(5), {"asr": "greater"})
+    assert tie["p"] == pytest.approx(1.0)  # as extreme as every draw
+
+
 SIZES_4BIT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 

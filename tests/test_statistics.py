@@ -14,6 +14,7 @@ from ssah_peft.evaluate import (
     paired_bootstrap_interval,
     paired_permutation_test,
     prediction_t_test,
+    rank_p_value,
     spearman_correlation,
     student_t_cdf,
     two_sample_permutation_test,
@@ -221,6 +222,9 @@ def test_prediction_t_test_by_hand():
     assert result.rank_p_value == pytest.approx(1 / 6)  # below every draw: the smallest rank p five draws allow
     assert prediction_t_test(3.0, draws).p_value == pytest.approx(1.0)
     assert prediction_t_test(4.5, draws, alternative="less").rank_p_value == pytest.approx(5 / 6)
+    assert rank_p_value(4.5, draws, "less") == pytest.approx(5 / 6)
+    assert rank_p_value(6.0, draws, "greater") == pytest.approx(1 / 6)
+    assert rank_p_value(3.0, [3.0, 3.0], "two-sided") == pytest.approx(1.0)  # defined for equal draws
 
 
 def test_prediction_t_test_rejects_at_nominal_rate_without_effect_and_finds_a_known_one():

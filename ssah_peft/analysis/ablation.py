@@ -38,6 +38,7 @@ from ..evaluate import (
     format_rate,
     holm_adjust,
     prediction_t_test,
+    rank_p_value,
 )
 from ..quantization import dense_weight, writable_weight
 from ..unit_map import UnitMap, random_units_with_counts
@@ -244,7 +245,9 @@ def draw_comparisons(
 
     A row holds the type's value, the draws' mean and standard deviation, the prediction t-test
     (:func:`ssah_peft.evaluate.prediction_t_test`: assumes the draws normal) with its exact rank p-value beside,
-    and the t-test's p-value Holm-adjusted over every row returned, the family the summary reports.
+    and the t-test's p-value Holm-adjusted over every row returned, the family the summary reports. Where the draws
+    are all equal (a rate read on a few prompts) the t statistic is undefined (``t`` None) and the row's p-value is
+    the exact rank p-value.
     """
     if len(draws) < 2:
         raise ValueError(f"Comparing with random draws needs at least two draws, got {len(draws)}")
@@ -252,22 +255,23 @@ def draw_comparisons(
     for unit_type in types:
         for measure, alternative in measures.items():
             values = np.array([points[draw_name(unit_type, draw)][measure] for draw in draws], dtype=np.float64)
-            test = prediction_t_test(points[unit_type][measure], values, alternative=alternative)
-            rows.append(
-                {
-                    "type": unit_type,
-                    "measure": measure,
-                    "alternative": alternative,
-                    "value": points[unit_type][measure],
-                    "draws_mean": float(values.mean()),
-                    "draws_sd": float(values.std(ddof=1)),
-                    "draws": len(values),
-                    "difference": test.difference,
-                    "t": test.t,
-                    "p": test.p_value,
-                    "rank_p": test.rank_p_value,
-                }
-            )
+            value = points[unit_type][measure]
+            row = {
+                "type": unit_type,
+                "measure": measure,
+                "alternative": alternative,
+                "value": value,
+                "draws_mean": float(values.mean()),
+                "draws_sd": float(values.std(ddof=1)),
+                "draws": len(values),
+            }
+            if row["draws_sd"] > 0:
+                test = prediction_t_test(value, values, alternative=alternative)
+                row.update(difference=test.difference, t=test.t, p=test.p_value, rank_p=test.rank_p_value)
+            else:  # equal draws (a rate on a few prompts): no t statistic, the exact rank test alone is the test
+                rank = rank_p_value(value, values, alternative)
+                row.update(difference=value - row["draws_mean"], t=None, p=rank, rank_p=rank)
+            rows.append(row)
     for row, adjusted in zip(rows, holm_adjust([row["p"] for row in rows])):
         row["holm_p"] = adjusted
     return rows

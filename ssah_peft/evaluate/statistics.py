@@ -10,7 +10,8 @@ values shaped ``[seeds, prompts]`` (or per-run values, shaped ``[runs]``):
   whole prompts (all seeds of a prompt together);
 * :func:`two_sample_permutation_test`: a chooser's runs against its random controls' runs, runs as the units;
 * :func:`prediction_t_test`: one set's value against the values of independent random draws, when too few draws
-  are affordable for their ranks alone to reach a small p-value (an ablation on a large model);
+  are affordable for their ranks alone (:func:`rank_p_value`) to reach a small p-value (an ablation on a large
+  model);
 * :func:`paired_bootstrap_interval`: a percentile bootstrap interval of the mean difference, resampling seeds and
   prompts independently, so that both run-to-run and prompt-to-prompt variation widen it;
 * :func:`holm_adjust`: Holm's step-down correction of a family of p-values;
@@ -308,8 +309,19 @@ def prediction_t_test(value: float, draws: Sequence[float], *, alternative: str 
     t = difference / (spread * math.sqrt(1 + 1 / n))
     below = student_t_cdf(t, n - 1)
     p_value = {"less": below, "greater": 1 - below, "two-sided": 2 * min(below, 1 - below)}[alternative]
-    rank = _permutation_result(difference, values - values.mean(), alternative, n, exact=False).p_value
-    return PredictionTTest(difference, t, n - 1, min(1.0, p_value), rank)
+    return PredictionTTest(difference, t, n - 1, min(1.0, p_value), rank_p_value(value, values, alternative))
+
+
+def rank_p_value(value: float, draws: Sequence[float], alternative: str = "two-sided") -> float:
+    """The exact rank test of ``value`` among random ``draws``: (1 + #draws at least as extreme) / (1 + draws),
+    extremeness measured from the draws' mean. Assumes nothing about the draws' distribution (unlike
+    :func:`prediction_t_test`) and is defined when they are all equal, but never falls below 1 / (1 + draws)."""
+    _check_test_options(alternative, 1)
+    values = np.asarray(draws, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 1:
+        raise ValueError(f"rank_p_value needs at least one draw, got {values.shape}")
+    centre = values.mean()
+    return _permutation_result(float(value - centre), values - centre, alternative, len(values), exact=False).p_value
 
 
 def _curve(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
