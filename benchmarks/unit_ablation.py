@@ -44,6 +44,7 @@ from ssah_peft.experiments.chooser_maps import DEMO_ALIGNED_MAP, DEMO_ALIGNED_MO
 from ssah_peft.experiments.curves import curve_sets, measure_point, measure_settings
 from ssah_peft.models import load
 from ssah_peft.training.data import spread
+from ssah_peft.unit_map import UNIT_TYPES
 
 INTACT = "none"
 CSV_COLUMNS = (
@@ -225,9 +226,9 @@ def main() -> int:
     args.command = shlex.join(["python", *sys.argv])
     if len(args.draws) < 2 or len(set(args.draws)) != len(args.draws):
         parser.error(f"--draws needs at least two distinct draws, got {args.draws}")
-    unknown = sorted(set(args.types) - {"SCU", "UCU", "CU", "RU"})
+    unknown = sorted(set(args.types) - set(UNIT_TYPES))
     if unknown:
-        parser.error(f"Unknown unit types {unknown}; known: SCU, UCU, CU, RU")
+        parser.error(f"Unknown unit types {unknown}; known: {', '.join(UNIT_TYPES)}")
     model_path = args.model or args.demo / DEMO_ALIGNED_MODEL
     args.unit_map = args.unit_map or args.demo / DEMO_ALIGNED_MAP
     if not args.unit_map.is_file():
