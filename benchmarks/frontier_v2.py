@@ -39,10 +39,12 @@ from ssah_peft.experiments.chooser_maps import missing_demo_outputs, sweep_unit_
 from ssah_peft.experiments.curves import CHECKPOINTS, curve_sets, measure_point, measure_settings
 from ssah_peft.experiments.frontier import FrontierRun, check_runs
 from ssah_peft.experiments.frontier_curves import (
+    CHOOSER_COSTS_FILE,
     CSV_COLUMNS,
     DRAWS,
     REFERENCE_RUNS,
     cell_runs,
+    chooser_cost_lines,
     comparisons,
     curve_rows,
     curve_run,
@@ -117,6 +119,9 @@ def write_summary(args, seconds: float) -> None:
         *summary_lines(results, rows),
         "",
     ]
+    costs = args.results / CHOOSER_COSTS_FILE
+    if costs.is_file():
+        lines += [*chooser_cost_lines(json.loads(costs.read_text(encoding="utf-8"))), ""]
     write_text(args.results / "summary.md", "\n".join(lines))
 
 

@@ -15,6 +15,7 @@ from ssah_peft.experiments.frontier import FrontierRun
 from ssah_peft.experiments.frontier_curves import (
     at_matched_loss,
     cell_runs,
+    chooser_cost_lines,
     comparisons,
     curve_run,
     endpoint_lines,
@@ -159,3 +160,20 @@ def test_the_endpoint_table_counts_only_other_successes_as_possible_compliance()
     assert cells[:5] == ["task", "snip", "20%", "2", "24"]
     assert cells[5] == "1.000"  # the last point's task loss
     assert cells[8:] == ["0.750", "0.125", "0.250"]  # ASR, other successes per prompt, over-refusal
+
+
+def test_the_cost_table_gives_each_map_in_plain_forwards_with_the_choosers_that_read_it() -> None:
+    costs = {
+        "command": "python benchmarks/chooser_cost.py",
+        "threads": 2,
+        "calibration_pairs": 156,
+        "load_seconds": 1.0,
+        "plain_forward_seconds": 20.0,
+        "map_seconds": {"variance": 26.0, "margin_grad": 110.0},
+    }
+    rows = {
+        row.split("|")[1].strip(): [c.strip() for c in row.strip("|").split("|")]
+        for row in chooser_cost_lines(costs)[4:]
+    }
+    assert rows["variance"][1:] == ["ssah, ssah_attn, ssah_mlp", "26.0", "1.3"]
+    assert rows["margin_grad"][1:] == ["margin_grad", "110.0", "5.5"]

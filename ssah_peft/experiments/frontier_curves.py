@@ -40,7 +40,7 @@ from ..evaluate.statistics import (
     two_sample_permutation_test,
 )
 from ..unit_map import UnitMap
-from .choosers import chooser_named
+from .choosers import CHOOSERS, chooser_named
 from .config import DemoConfig
 from .curves import CHECKPOINTS, CurveCallback, CurveSets, measure_point, measure_settings
 from .data import attack_records
@@ -406,4 +406,32 @@ def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
         costs.setdefault("generation rates (end of run)", []).append(result["final"]["eval_seconds"])
     lines += ["", "| cost per run point | mean seconds |", "| --- | --- |"]
     lines += [f"| {measure} | {np.mean(values):.1f} |" for measure, values in costs.items()]
+    total = sum(result["train_seconds"] + result["final"]["eval_seconds"] for result in results)
+    lines += [
+        "",
+        f"The {len(results)} stored runs took {total / 3600:.1f} h in all (training with its curve points, and "
+        "generation; each on the threads its sitting gave it, the unit maps not included).",
+    ]
+    return lines
+
+
+#: The file under a sweep's results where ``benchmarks/chooser_cost.py`` stores what each unit map cost to make.
+CHOOSER_COSTS_FILE = "chooser_costs.json"
+
+
+def chooser_cost_lines(costs: Mapping[str, Any]) -> list[str]:
+    """The table of what each chooser's unit map cost to make (``costs`` as ``benchmarks/chooser_cost.py`` stores
+    them), in seconds and in plain no-grad forwards over the same calibration exchanges, the choosers reading each."""
+    forward = costs["plain_forward_seconds"]
+    lines = [
+        f"What each chooser's unit map costs to make (`{costs['command']}`, {costs['threads']} threads, "
+        f"{costs['calibration_pairs']} calibration exchanges per set; a plain no-grad forward over both sets took "
+        f"{forward:.1f} s, loading the model {costs['load_seconds']:.1f} s, which every map's time includes):",
+        "",
+        "| unit map | choosers | seconds | plain forwards |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, seconds in costs["map_seconds"].items():
+        users = ", ".join(chooser.name for chooser in CHOOSERS.values() if chooser.unit_map == name)
+        lines.append(f"| {name} | {users} | {seconds:.1f} | {seconds / forward:.1f} |")
     return lines
