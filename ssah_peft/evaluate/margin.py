@@ -20,7 +20,6 @@ attack success. The measures here are teacher-forced (no generation), continuous
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -254,18 +253,13 @@ def task_loss(
     only: what :func:`ssah_peft.evaluate.perplexity` scores), weighted by tokens.
 
     A record's ``system`` (e.g. the identity-shift records of :mod:`ssah_peft.data.persona`) becomes its system
-    turn, so held-out attack records are scored as they were trained.
+    turn (:func:`~ssah_peft.evaluate.perplexity` reads it per record), so held-out attack records are scored as they
+    were trained.
     """
-    by_system: dict[Optional[str], list[Mapping[str, Any]]] = defaultdict(list)
-    for record in records:
-        by_system[record.get("system")].append(record)
-    if not by_system:
+    records = list(records)
+    if not records:
         raise ValueError("No records to measure the task loss on.")
-    total_nll, total_tokens = 0.0, 0
-    for system, group in by_system.items():
-        result = perplexity(model, tokenizer, group, batch_size=batch_size, system_prompt=system, show_progress=False)
-        total_nll += result["mean_nll"] * result["tokens"]
-        total_tokens += result["tokens"]
-    if total_tokens == 0:
+    result = perplexity(model, tokenizer, records, batch_size=batch_size, show_progress=False)
+    if result["tokens"] == 0:
         raise ValueError("The records' responses render to no tokens.")
-    return total_nll / total_tokens
+    return result["mean_nll"]
