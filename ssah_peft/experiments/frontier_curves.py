@@ -424,9 +424,10 @@ def chooser_cost_lines(costs: Mapping[str, Any]) -> list[str]:
     them), in seconds and in plain no-grad forwards over the same calibration exchanges, the choosers reading each."""
     forward = costs["plain_forward_seconds"]
     lines = [
-        f"What each chooser's unit map costs to make (`{costs['command']}`, {costs['threads']} threads, "
-        f"{costs['calibration_pairs']} calibration exchanges per set; a plain no-grad forward over both sets took "
-        f"{forward:.1f} s, loading the model {costs['load_seconds']:.1f} s, which every map's time includes):",
+        f"What each chooser's unit map costs to make (`{costs['command']}`, {costs['threads']} "
+        f"thread{'s' if costs['threads'] != 1 else ''}, {costs['calibration_pairs']} calibration exchanges per set; a "
+        f"plain no-grad forward over both sets took {forward:.1f} s, loading the model {costs['load_seconds']:.1f} s, "
+        "which every map's time includes; a map derived from another one made before it costs only the derivation):",
         "",
         "| unit map | choosers | seconds | plain forwards |",
         "| --- | --- | --- | --- |",
