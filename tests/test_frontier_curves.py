@@ -71,9 +71,10 @@ def test_a_known_effect_survives_holm_and_no_effect_does_not() -> None:
     assert margin["p_holm"] < 0.01  # the chooser's three runs are the three highest of 18: p = 1/816, x2 by Holm
     assert by_measure["selectivity"]["p_holm"] > 0.05  # selectivity was not shifted
     assert margin["matched_loss"] == pytest.approx(1.0)  # every run reaches the lowest loss here
+    assert 0 < margin["low"] < 1.0 < margin["high"]  # the test's interval holds the shift and excludes 0
 
     null = comparisons(_cell(shift=0.0, seed=3), permutations=5000)
-    assert all(row["p_holm"] > 0.05 for row in null)
+    assert all(row["p_holm"] > 0.05 and row["low"] < 0 < row["high"] for row in null)
 
 
 def test_a_cell_matched_by_frozen_parameters_is_a_comparison_of_its_own() -> None:

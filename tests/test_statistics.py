@@ -18,6 +18,7 @@ from ssah_peft.evaluate import (
     spearman_correlation,
     student_t_cdf,
     two_sample_permutation_test,
+    two_sample_shift_interval,
 )
 
 
@@ -84,6 +85,42 @@ def test_two_sample_test_over_runs():
     # Monte Carlo beyond the exact limit
     large = two_sample_permutation_test(rng.normal(size=20) + 1, rng.normal(size=20), permutations=999, seed=0)
     assert not large.exact and large.permutations == 999 and large.p_value < 0.01
+
+
+def test_shift_interval_is_the_tests_own_interval():
+    rng = np.random.default_rng(7)
+    for effect in (0.0, 0.8, 2.0):
+        treatment, control = rng.normal(size=3) + effect, rng.normal(size=15)
+        low, high = two_sample_shift_interval(treatment, control)
+        estimate = treatment.mean() - control.mean()
+        assert low < estimate < high
+        # duality: 0 lies outside exactly when the test rejects "no difference" at 5%
+        assert (low > 0 or high < 0) == (two_sample_permutation_test(treatment, control).p_value <= 0.05)
+        # at each bound the shifted test sits on the level: not rejected just inside, rejected just outside
+        for bound, outward in ((low, -1e-6), (high, 1e-6)):
+            assert two_sample_permutation_test(treatment - bound, control).p_value > 0.05
+            assert two_sample_permutation_test(treatment - bound - outward, control).p_value <= 0.05
+        # equivariant: shifting the treatment runs by c shifts the interval by c
+        shifted = two_sample_shift_interval(treatment + 5.0, control)
+        assert shifted == (pytest.approx(low + 5.0), pytest.approx(high + 5.0))
+
+
+def test_shift_interval_covers_a_known_shift():
+    rng = np.random.default_rng(8)
+    covered = sum(
+        low <= 1.5 <= high
+        for low, high in (two_sample_shift_interval(rng.normal(size=3) + 1.5, rng.normal(size=9)) for _ in range(200))
+    )
+    assert covered >= 180  # 95% nominal: 190 expected, sd 3.1
+
+
+def test_shift_interval_is_unbounded_without_enough_runs():
+    # 1 chooser against 2 controls: the smallest two-sided p-value is 1/3, so no shift is ever rejected
+    assert two_sample_shift_interval([10.0], [0.0, 1.0]) == (-math.inf, math.inf)
+    with pytest.raises(ValueError, match="confidence"):
+        two_sample_shift_interval([1.0], [0.0, 1.0], confidence=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        two_sample_shift_interval([math.nan], [0.0, 1.0])
 
 
 def test_exact_permutation_test_by_hand():

@@ -52,6 +52,7 @@ from .statistics import (
     spearman_correlation,
     student_t_cdf,
     two_sample_permutation_test,
+    two_sample_shift_interval,
 )
 from .suites import SUITES, evaluate_safety, evaluate_utility, generate_together, run_evaluation
 
@@ -104,6 +105,7 @@ __all__ = [
     "student_t_cdf",
     "task_loss",
     "two_sample_permutation_test",
+    "two_sample_shift_interval",
     "wilson_interval",
     "write_generations",
     "write_report",

@@ -9,6 +9,7 @@ values shaped ``[seeds, prompts]`` (or per-run values, shaped ``[runs]``):
 * :func:`paired_permutation_test`: a sign-flip test of the mean difference, flipping whole seeds (runs) or
   whole prompts (all seeds of a prompt together);
 * :func:`two_sample_permutation_test`: a chooser's runs against its random controls' runs, runs as the units;
+* :func:`two_sample_shift_interval`: the interval of that difference which the same test does not reject;
 * :func:`prediction_t_test`: one set's value against the values of independent random draws, when too few draws
   are affordable for their ranks alone (:func:`rank_p_value`) to reach a small p-value (an ablation on a large
   model);
@@ -171,23 +172,84 @@ def two_sample_permutation_test(
     ``seed``. Runs are the units, so whatever a seed does to all prompts of a run is inside the null distribution.
     """
     _check_test_options(alternative, permutations)
+    treated, controlled = _run_values(treatment, control)
+    pooled = np.concatenate([treated, controlled])
+    in_treatment, exact = _splits(len(treated), len(pooled), permutations, seed)
+    return _split_test(treated, controlled, in_treatment, alternative, exact)
+
+
+def _run_values(treatment: Sequence[float], control: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     treated, controlled = np.asarray(treatment, dtype=np.float64), np.asarray(control, dtype=np.float64)
     if treated.ndim != 1 or controlled.ndim != 1 or not len(treated) or not len(controlled):
-        raise ValueError("two_sample_permutation_test takes two non-empty 1-D sequences of per-run values.")
-    pooled = np.concatenate([treated, controlled])
-    if not np.isfinite(pooled).all():
+        raise ValueError("A two-sample test takes two non-empty 1-D sequences of per-run values.")
+    if not (np.isfinite(treated).all() and np.isfinite(controlled).all()):
         raise ValueError("Run values must be finite (no NaN or inf).")
-    k, n = len(treated), len(pooled)
+    return treated, controlled
+
+
+def _splits(k: int, n: int, permutations: int, seed: int) -> tuple[np.ndarray, bool]:
+    """The relabellings of a two-sample test as a ``[splits, n]`` mask of the runs put in the treatment group
+    (the first ``k`` runs are the observed treatment), and whether they are all C(n, k) of them."""
     exact = math.comb(n, k) <= max(MAX_EXACT_PERMUTATIONS, permutations)
     if exact:
         chosen = np.array(list(itertools.combinations(range(n), k)))
     else:
-        rng = np.random.default_rng(seed)
-        chosen = np.argsort(rng.random((permutations, n)), axis=1)[:, :k]
+        chosen = np.argsort(np.random.default_rng(seed).random((permutations, n)), axis=1)[:, :k]
     in_treatment = np.zeros((len(chosen), n), dtype=bool)
     np.put_along_axis(in_treatment, chosen, True, axis=1)
+    return in_treatment, exact
+
+
+def _split_test(
+    treated: np.ndarray, controlled: np.ndarray, in_treatment: np.ndarray, alternative: str, exact: bool
+) -> PermutationTest:
+    pooled = np.concatenate([treated, controlled])
+    k, n = len(treated), len(pooled)
     null = (in_treatment @ pooled) / k - (~in_treatment @ pooled) / (n - k)
     return _permutation_result(float(treated.mean() - controlled.mean()), null, alternative, n, exact)
+
+
+def two_sample_shift_interval(
+    treatment: Sequence[float],
+    control: Sequence[float],
+    *,
+    confidence: float = CONFIDENCE,
+    permutations: int = 9999,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """The shifts δ of the treatment runs that :func:`two_sample_permutation_test` (two-sided) does not reject at
+    level 1 − ``confidence``: the test's own interval of mean(treatment) − mean(control) (Lehmann's inversion).
+
+    Where the test rejects "no difference", this interval excludes 0, and the other way round, so the interval and
+    the p-value in a table never disagree. Each bound is the crossing of the level found by bisection between the
+    estimate and a shift far enough out; a bound is infinite when no shift can be rejected (too few runs: with 1
+    chooser and 2 controls the smallest two-sided p-value is 1/3).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    _check_test_options("two-sided", permutations)
+    treated, controlled = _run_values(treatment, control)
+    in_treatment, exact = _splits(len(treated), len(treated) + len(controlled), permutations, seed)
+    level = 1 - confidence
+
+    def rejected(shift: float) -> bool:
+        return _split_test(treated - shift, controlled, in_treatment, "two-sided", exact).p_value <= level
+
+    estimate = float(treated.mean() - controlled.mean())
+    # shifted this far, every treatment run lies beyond every control run: the most extreme split there is
+    spread = 2 * float(np.ptp(np.concatenate([treated, controlled]))) + 1.0
+    bounds = []
+    for direction in (-1.0, 1.0):
+        outer = estimate + direction * spread
+        if not rejected(outer):
+            bounds.append(direction * math.inf)
+            continue
+        inner = estimate
+        for _ in range(60):  # the bracket shrinks to ~1e-18 of its width: past float resolution
+            middle = (inner + outer) / 2
+            inner, outer = (inner, middle) if rejected(middle) else (middle, outer)
+        bounds.append(inner)
+    return bounds[0], bounds[1]
 
 
 def paired_bootstrap_interval(

@@ -12,7 +12,9 @@ interpolated on each curve), and a chooser is compared with independent random d
   and a training order of its own;
 * the test is a two-sample permutation test with runs as the units (the chooser's runs against the control's), on
   the run's mean harmful margin and selectivity at the matched task loss; Holm's correction runs over every test the
-  summary makes (:func:`comparisons`); a claim needs the corrected p-value.
+  summary makes (:func:`comparisons`); a claim needs the corrected p-value. Beside each difference stands the
+  interval the same test does not reject (:func:`ssah_peft.evaluate.statistics.two_sample_shift_interval`;
+  uncorrected, so it agrees with the raw p-value, not Holm's).
 
 A run trains with :func:`.finetuning.train_method` for ``max(checkpoints)`` steps at the attack's learning rate and ends
 with the generation ASR on all held-out harmful prompts and the over-refusal rate on all look-alikes, with the audit
@@ -32,12 +34,14 @@ import numpy as np
 
 from .._files import write_text
 from ..evaluate import audit_replies, write_generations
+from ..evaluate.intervals import CONFIDENCE
 from ..evaluate.statistics import (
     holm_adjust,
     interpolate_at,
     matched_range,
     spearman_correlation,
     two_sample_permutation_test,
+    two_sample_shift_interval,
 )
 from ..unit_map import UnitMap
 from .choosers import CHOOSERS, chooser_named
@@ -183,6 +187,7 @@ def comparisons(results: Sequence[Mapping[str, Any]], permutations: int = 20000)
             chosen = [v[measure] for v in values["chooser"]]
             control = [v[measure] for v in values["control"]]
             test = two_sample_permutation_test(chosen, control, permutations=permutations)
+            low, high = two_sample_shift_interval(chosen, control, permutations=permutations)
             rows.append(
                 {
                     "attack": attack,
@@ -195,6 +200,8 @@ def comparisons(results: Sequence[Mapping[str, Any]], permutations: int = 20000)
                     "chooser_mean": float(np.mean(chosen)),
                     "control_mean": float(np.mean(control)),
                     "difference": test.mean_difference,
+                    "low": low,
+                    "high": high,
                     "p": test.p_value,
                 }
             )
@@ -360,16 +367,16 @@ def summary_lines(results: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[s
     and what each measure cost per run."""
     incomplete = incomplete_cells(results)
     lines = [
-        "| attack | chooser | frozen | measure | matched loss | chooser (runs) | random (runs) | difference | p | "
-        "p (Holm) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| attack | chooser | frozen | measure | matched loss | chooser (runs) | random (runs) | difference | "
+        f"{CONFIDENCE:.0%} interval | p | p (Holm) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['attack']} | {row['chooser']} | {row['budget'] * 100:g}% | {row['measure']} | "
             f"{row['matched_loss']:.3f} | {row['chooser_mean']:+.3f} ({row['chooser_runs']}) | "
-            f"{row['control_mean']:+.3f} ({row['control_runs']}) | {row['difference']:+.3f} | {row['p']:.4f} | "
-            f"{row['p_holm']:.4f} |"
+            f"{row['control_mean']:+.3f} ({row['control_runs']}) | {row['difference']:+.3f} | "
+            f"[{row['low']:+.3f}, {row['high']:+.3f}] | {row['p']:.4f} | {row['p_holm']:.4f} |"
         )
     if incomplete:
         lines += [
