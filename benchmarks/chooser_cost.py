@@ -28,11 +28,10 @@ import torch
 from ssah_peft import build_calibration_batches
 from ssah_peft._files import write_text
 from ssah_peft.cli.options import comma_list
-from ssah_peft.data import load_builtin
 from ssah_peft.experiments import DemoConfig
 from ssah_peft.experiments.chooser_maps import DEMO_ALIGNED_MODEL, UNIT_MAPS, UnitMaps, missing_demo_outputs
-from ssah_peft.experiments.data import spread
 from ssah_peft.experiments.frontier_curves import CHOOSER_COSTS_FILE
+from ssah_peft.experiments.measures import demo_calibration_set
 from ssah_peft.models import load
 
 
@@ -49,9 +48,7 @@ def plain_forward_seconds(model, tokenizer, config: DemoConfig) -> float:
     batches = [
         batch
         for name in ("safety_calibration", "utility_calibration")
-        for batch in build_calibration_batches(
-            tokenizer, spread(load_builtin(name), config.calibration_pairs), tokens="response"
-        )
+        for batch in build_calibration_batches(tokenizer, demo_calibration_set(name, config).pairs, tokens="response")
     ]
     model.eval()
     with torch.no_grad():

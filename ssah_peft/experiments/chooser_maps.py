@@ -21,7 +21,6 @@ from typing import Any, Optional
 import torch
 
 from ..analysis.scan import reclassified
-from ..data import load_builtin
 from ..scoring import TokenSelection
 from ..scoring.attribution import alignment_delta_scores
 from ..unit_map import UnitMap
@@ -29,7 +28,7 @@ from ..unit_map.attributed import conflict_map, margin_grad_map, one_score_map, 
 from .caching import cached_artifact
 from .config import DemoConfig
 from .data import attack_records, spread
-from .measures import unit_map_of
+from .measures import demo_calibration_set, unit_map_of
 from .stages import ModelLoader
 
 
@@ -112,10 +111,6 @@ def _fractions(config: DemoConfig) -> dict[str, Any]:
     return {**config.unit_fractions, "composite_fraction": config.top_composite_fraction}
 
 
-def _calibration_prompts(maps: UnitMaps, name: str) -> list[dict[str, Any]]:
-    return spread(load_builtin(name), maps.config.calibration_pairs)
-
-
 def _alignment_delta(maps: UnitMaps, attack: str) -> UnitMap:
     scores = alignment_delta_scores(maps.load_aligned()[0], maps.base()[0], metadata={"base": maps.config.model})
     return one_score_map(scores, **_fractions(maps.config))
@@ -128,8 +123,8 @@ def _on_calibration_sets(make: Callable[..., UnitMap], other: str) -> Callable[[
     def derive(maps: UnitMaps, attack: str) -> UnitMap:
         return make(
             *maps.load_aligned(),
-            _calibration_prompts(maps, "safety_calibration"),
-            _calibration_prompts(maps, "utility_calibration"),
+            demo_calibration_set("safety_calibration", maps.config).pairs,
+            demo_calibration_set("utility_calibration", maps.config).pairs,
             show_progress=maps.config.show_progress,
             metadata={"harmful": "safety_calibration", other: "utility_calibration"},
             classification=_fractions(maps.config),
@@ -144,7 +139,7 @@ def _conflict(maps: UnitMaps, attack: str) -> UnitMap:
     sample = spread(attack_records(attack, maps.config), maps.config.calibration_pairs)
     return conflict_map(
         *maps.load_aligned(),
-        _calibration_prompts(maps, "safety_calibration"),
+        demo_calibration_set("safety_calibration", maps.config).pairs,
         sample,
         max_length=maps.config.max_length,
         show_progress=maps.config.show_progress,
