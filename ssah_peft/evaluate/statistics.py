@@ -221,9 +221,10 @@ def two_sample_shift_interval(
     level 1 − ``confidence``: the test's own interval of mean(treatment) − mean(control) (Lehmann's inversion).
 
     Where the test rejects "no difference", this interval excludes 0, and the other way round, so the interval and
-    the p-value in a table never disagree. Each bound is the crossing of the level found by bisection between the
-    estimate and a shift far enough out; a bound is infinite when no shift can be rejected (too few runs: with 1
-    chooser and 2 controls the smallest two-sided p-value is 1/3).
+    the p-value in a table agree. Each bound is a crossing of the level found by bisection between the estimate and
+    a shift far enough out (the p-value of a mean-difference test falls away from the estimate, though not always
+    strictly, so with ties a bound can be one of several crossings close together); a bound is infinite when no
+    shift can be rejected (too few runs: with 1 chooser and 2 controls the smallest two-sided p-value is 1/3).
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
