@@ -173,8 +173,7 @@ def two_sample_permutation_test(
     """
     _check_test_options(alternative, permutations)
     treated, controlled = _run_values(treatment, control)
-    pooled = np.concatenate([treated, controlled])
-    in_treatment, exact = _splits(len(treated), len(pooled), permutations, seed)
+    in_treatment, exact = _splits(len(treated), len(treated) + len(controlled), permutations, seed)
     return _split_test(treated, controlled, in_treatment, alternative, exact)
 
 
